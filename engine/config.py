@@ -1,0 +1,290 @@
+"""Typed, validated experiment configs, loaded from and saved to TOML or YAML.
+
+A peer-library failure we refuse to repeat: silently ignoring a misspelt
+option. Every section here rejects unknown keys, wrong types and out-of-range
+values with a :class:`~engine.errors.ConfigError` that names the dotted key
+(``solver.max_iter``) and says what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from engine.errors import ConfigError
+
+
+def _f(default, *, choices=None, min=None, max=None, doc="", factory=None):
+    meta = {"choices": choices, "min": min, "max": max, "doc": doc}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+SOLVERS = ("fixed_point", "anderson", "broyden")
+
+
+@dataclass
+class PhysicsConfig:
+    modality: str = _f("ct", choices=("ct", "mri"), doc="sparse-view CT or accelerated MRI")
+    img_size: int = _f(128, min=8, max=1024, doc="image height = width in pixels")
+    views: int = _f(30, min=2, max=2048, doc="CT: number of parallel-beam projection angles")
+    circle: bool = _f(False, doc="CT: restrict the Radon transform to the inscribed circle")
+    noise: str = _f("gaussian", choices=("none", "gaussian", "poisson"), doc="measurement noise model")
+    noise_sigma: float = _f(0.01, min=0.0, max=10.0, doc="Gaussian noise standard deviation")
+    poisson_gain: float = _f(0.01, min=1e-6, max=10.0, doc="Poisson noise gain (smaller = less noise)")
+    acceleration: float = _f(4.0, min=1.0, max=32.0, doc="MRI: undersampling factor")
+    center_fraction: float = _f(0.08, min=0.0, max=1.0, doc="MRI: fully sampled centre fraction")
+    mask: str = _f("random", choices=("random", "equispaced", "gaussian"), doc="MRI: sampling pattern")
+    mask_seed: int = _f(0, min=0, doc="MRI: seed of the sampling mask")
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("phantom", choices=("phantom", "files"), doc="procedural phantoms or scan files")
+    paths: list = _f(None, factory=list, doc="scan files or folders (source = files)")
+    phantom: str = _f("ellipses", choices=("ellipses", "shepp_logan"), doc="phantom family")
+    n_train: int = _f(64, min=1, max=100000, doc="phantoms: training images")
+    n_val: int = _f(4, min=1, max=10000, doc="phantoms: validation images")
+    train_slices: str = _f("", doc="files: slice range for training, 'start:stop' (empty = all but val)")
+    val_slices: str = _f("", doc="files: slice range for validation, 'start:stop'")
+    window: list = _f(None, factory=list, doc="CT: [low, high] HU window mapped to [0, 1] (empty = auto)")
+    seed: int = _f(0, min=0, doc="seed of the phantom generator and noise")
+
+
+@dataclass
+class ModelConfig:
+    denoiser: str = _f("resunet", choices=("resunet", "dncnn"), doc="denoiser architecture")
+    channels: int = _f(32, min=4, max=512, doc="base feature channels")
+    depth: int = _f(2, min=1, max=5, doc="U-Net levels / DnCNN hidden layers // 3")
+    norm: str = _f("group", choices=("group", "none"), doc="normalisation inside the denoiser")
+    spectral_norm: bool = _f(True, doc="spectrally normalise every convolution")
+    lipschitz: float = _f(0.95, min=0.05, max=1.0, doc="output scale bound of the denoiser")
+    weights: str = _f("", doc="local weights file for the denoiser ('' = the shipped pretrained one if it fits, else random)")
+
+
+@dataclass
+class DEQConfig:
+    operator: str = _f("pgd", choices=("pgd", "hqs"), doc="fixed-point map: PGD or HQS (proximal) form")
+    stepsize: float = _f(1.0, min=1e-6, max=10.0, doc="data-consistency step eta (PGD) / gamma (HQS)")
+    gradient: str = _f("implicit", choices=("implicit", "jfb", "unrolled"), doc="how gradients cross the solve")
+    unrolled_iterations: int = _f(20, min=1, max=1000, doc="iterations differentiated through when gradient = unrolled")
+
+
+@dataclass
+class SolverConfig:
+    name: str = _f("anderson", choices=SOLVERS, doc="fixed-point solver")
+    tol: float = _f(1e-4, min=0.0, max=1.0, doc="stopping tolerance")
+    stop_mode: str = _f("rel", choices=("rel", "abs"), doc="residual the tolerance applies to")
+    max_iter: int = _f(60, min=1, max=100000, doc="iteration cap")
+    memory: int = _f(5, min=1, max=100, doc="Anderson/Broyden history size")
+    damping: float = _f(1.0, min=0.01, max=1.0, doc="mixing weight beta (1 = undamped)")
+    regularization: float = _f(1e-4, min=0.0, max=1.0, doc="Anderson ridge, relative to the residual scale")
+    divergence_factor: float = _f(1e4, min=2.0, doc="residual above this multiple of its running minimum = diverged")
+    fallback: str = _f("fixed_point", choices=("",) + SOLVERS, doc="solver that takes over diverged samples ('' = none)")
+
+
+@dataclass
+class LossConfig:
+    mode: str = _f("ei", choices=("ei", "mc", "supervised"), doc="EI (= MC + alpha * EI), MC only, or supervised")
+    ei_weight: Union[float, str] = _f("auto", doc="alpha; 'auto' derives it from the operator scaling")
+    transform: str = _f("rotate", choices=("rotate", "rotate90", "shift", "flip"), doc="EI group action")
+    n_transforms: int = _f(1, min=1, max=16, doc="transforms sampled per step")
+    ei_apply_noise: bool = _f(True, doc="simulate noise on A T_g x in the EI term")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _f(1e-4, min=0.0, max=10.0, doc="Adam learning rate")
+    steps: int = _f(200, min=1, max=10_000_000, doc="optimisation steps")
+    batch_size: int = _f(4, min=1, max=1024, doc="images per step")
+    grad_clip: float = _f(1.0, min=0.0, doc="gradient-norm clip (0 = off)")
+    scheduler: str = _f("cosine", choices=("none", "cosine", "step"), doc="learning-rate schedule")
+    weight_decay: float = _f(0.0, min=0.0, max=1.0, doc="Adam weight decay")
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("run", doc="run name")
+    seed: int = _f(0, min=0, doc="seed of everything random")
+    device: str = _f("auto", choices=("auto", "cpu", "cuda"), doc="compute device")
+    threads: int = _f(0, min=0, max=256, doc="torch threads in the engine (0 = cores - 1, at least 1)")
+    checkpoint_every: int = _f(50, min=0, doc="steps between checkpoints (0 = only at the end)")
+    validate_every: int = _f(10, min=1, doc="steps between validations and snapshots")
+    checkpoint_format: str = _f("pt", choices=("pt", "safetensors"), doc="checkpoint file format")
+
+
+@dataclass
+class ExperimentConfig:
+    physics: PhysicsConfig = field(default_factory=PhysicsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    deq: DEQConfig = field(default_factory=DEQConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    backward_solver: SolverConfig = field(default_factory=lambda: SolverConfig(tol=1e-4, max_iter=60))
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    # -- conversion -----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExperimentConfig":
+        return _build(cls, data, "")
+
+    def replace(self, **sections_or_dotted: Any) -> "ExperimentConfig":
+        """A validated copy with dotted keys changed: ``cfg.replace(**{"solver.tol": 1e-6})``."""
+        data = self.to_dict()
+        for key, value in sections_or_dotted.items():
+            section, _, name = key.partition(".")
+            if not name:
+                raise ConfigError(f"replace() wants dotted keys like 'solver.tol', got '{key}'")
+            if section not in data:
+                raise ConfigError(_unknown(section, data.keys(), ""))
+            data[section][name] = value
+        return ExperimentConfig.from_dict(data)
+
+    def validate(self) -> "ExperimentConfig":
+        return ExperimentConfig.from_dict(self.to_dict())
+
+
+def _unknown(key: str, known, prefix: str) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"; did you mean '{prefix}{close[0]}'?" if close else ""
+    return f"unknown config key '{prefix}{key}'{hint} (known: {', '.join(sorted(known))})"
+
+
+def _build(cls, data: Any, prefix: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a table, got {type(data).__name__}")
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise ConfigError(_unknown(str(key), known, prefix))
+    values = {}
+    for name, f in known.items():
+        if name not in data:
+            continue
+        key = prefix + name
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, data[name], key + ".")
+        else:
+            values[name] = _check_value(key, hint, data[name], f.metadata)
+    return cls(**values)
+
+
+def _check_value(key: str, hint, value, meta):
+    if key.endswith("ei_weight"):
+        if isinstance(value, str):
+            if value != "auto":
+                raise ConfigError(f"{key} must be a number >= 0 or 'auto', got '{value}'")
+            return value
+        hint = float
+        meta = {**meta, "min": 0.0}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        value = float(value)
+        if value != value:
+            raise ConfigError(f"{key} must be a number, got NaN")
+    elif hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+    elif hint is list or get_origin(hint) is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        value = list(value)
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key} must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} must be <= {hi}, got {value}")
+    return value
+
+
+# -- files ------------------------------------------------------------------------------
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Read a TOML (.toml) or YAML (.yaml/.yml) config; missing keys take defaults."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data = tomllib.loads(text)
+        elif suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise ConfigError(f"{path.name}: config files must end in .toml, .yaml or .yml")
+    except ConfigError:
+        raise
+    except Exception as exc:  # parser errors carry line numbers; keep them
+        raise ConfigError(f"{path.name}: not valid {suffix[1:].upper()}: {exc}") from None
+    try:
+        return ExperimentConfig.from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path.name}: {exc}") from None
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    path = Path(path)
+    data = config.to_dict()
+    if path.suffix.lower() == ".toml":
+        import tomli_w
+
+        text = tomli_w.dumps(data)
+    elif path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        text = yaml.safe_dump(data, sort_keys=False)
+    else:
+        raise ConfigError(f"{path.name}: config files must end in .toml, .yaml or .yml")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def default_config_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "resources" / "configs"
+
+
+def builtin_config(name: str) -> ExperimentConfig:
+    """One of the shipped configs in ``resources/configs`` by name (e.g. ``ct_phantom_quick``)."""
+    path = default_config_dir() / f"{name}.toml"
+    if not path.is_file():
+        names = sorted(p.stem for p in default_config_dir().glob("*.toml"))
+        raise ConfigError(f"no built-in config '{name}' (available: {', '.join(names)})")
+    return load_config(path)
+
+
+def describe_fields() -> list[tuple[str, Any, str]]:
+    """(dotted key, default, doc) for every option: for --help texts and the settings dock."""
+    out = []
+    root = ExperimentConfig()
+    for section in fields(ExperimentConfig):
+        obj = getattr(root, section.name)
+        for f in fields(obj):
+            out.append((f"{section.name}.{f.name}", copy.deepcopy(getattr(obj, f.name)), f.metadata.get("doc", "")))
+    return out

@@ -1,0 +1,176 @@
+r"""Deep equilibrium reconstruction ``model(y, physics)`` with selectable gradient modes.
+
+The reconstruction is the fixed point ``x* = F_theta(x*; y, A)`` of
+
+* ``pgd``: :math:`F(x) = D_\theta\big(x - \eta A^\top(Ax - y)\big)`
+* ``hqs``: :math:`F(x) = D_\theta\big(\operatorname{prox}_{\eta f}(x)\big)`,
+  :math:`\operatorname{prox}_{\eta f}(x) = (A^\top A + I/\eta)^{-1}(A^\top y + x/\eta)`
+  (closed form for MRI, conjugate gradients for CT, both inside deepinv)
+
+started from ``A^dagger y`` and found by one of :mod:`engine.solvers`.
+
+Gradient modes (``gradient=``):
+
+``implicit``
+    Modular implicit differentiation. Solve without a graph, re-apply ``F``
+    once with a graph at ``x*`` (``z = F(x*)``), and register a hook on ``z``
+    that replaces the incoming gradient ``v = dl/dz`` by the solution of the
+    adjoint fixed point :math:`g = (\partial F/\partial x)^\top g + v`, solved
+    with the same solvers (vector-Jacobian products of the one graph). Autograd
+    then carries ``g`` into ``theta`` and into ``y``, which is the implicit
+    function theorem's gradient. Because the hook sits on the output, any loss
+    works, including EI, which calls the model twice per loss and
+    differentiates through the second call's input ``A T_g x1``. Memory does
+    not depend on the number of forward iterations.
+``jfb``
+    Jacobian-free backprop: the same ``z = F(x*)`` without the hook
+    (approximates :math:`(I - J)^{-\top} \approx I`).
+``unrolled``
+    Autograd through ``unrolled_iterations`` plain iterations from
+    ``A^dagger y``: exact for the truncated map, memory linear in the
+    iterations. The baseline.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from engine.events import RunControl
+from engine.physics import baseline
+from engine.solvers import SolverOptions, SolveStats, solve
+
+GRADIENT_MODES = ("implicit", "jfb", "unrolled")
+OPERATORS = ("pgd", "hqs")
+
+SolveCallback = Callable[[str, SolveStats], None]
+
+
+class FixedPointOperator(nn.Module):
+    """``F_theta(x; y, physics)``: a data-consistency step followed by the denoiser."""
+
+    def __init__(self, denoiser: nn.Module, kind: str = "pgd", stepsize: float = 1.0):
+        super().__init__()
+        if kind not in OPERATORS:
+            raise ValueError(f"unknown fixed-point operator '{kind}' (known: {', '.join(OPERATORS)})")
+        self.denoiser = denoiser
+        self.kind = kind
+        self.stepsize = stepsize
+
+    def data_step(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
+        if self.kind == "pgd":
+            return x - self.stepsize * physics.A_adjoint(physics.A(x) - y)
+        return physics.prox_l2(x, y, self.stepsize)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
+        return self.denoiser(self.data_step(x, y, physics))
+
+
+class DEQReconstructor(nn.Module):
+    """A DEQ following deepinv's reconstructor convention ``model(y, physics) -> x``.
+
+    Every solve's :class:`~engine.solvers.SolveStats` goes to ``on_solve``
+    (``"forward"`` / ``"backward"``) when set, and the newest are kept in
+    :attr:`last_forward_stats` / :attr:`last_backward_stats`.
+    """
+
+    def __init__(self, operator: FixedPointOperator, forward_solver: SolverOptions,
+                 backward_solver: Optional[SolverOptions] = None, gradient: str = "implicit",
+                 unrolled_iterations: int = 20, control: Optional[RunControl] = None,
+                 on_solve: Optional[SolveCallback] = None):
+        super().__init__()
+        if gradient not in GRADIENT_MODES:
+            raise ValueError(f"unknown gradient mode '{gradient}' (known: {', '.join(GRADIENT_MODES)})")
+        self.operator = operator
+        self.forward_solver = forward_solver
+        self.backward_solver = backward_solver or forward_solver
+        self.gradient = gradient
+        self.unrolled_iterations = unrolled_iterations
+        self.control = control
+        self.on_solve = on_solve
+        self.last_forward_stats: Optional[SolveStats] = None
+        self.last_backward_stats: Optional[SolveStats] = None
+
+    @property
+    def denoiser(self) -> nn.Module:
+        return self.operator.denoiser
+
+    def _report(self, direction: str, stats: SolveStats) -> None:
+        if direction == "forward":
+            self.last_forward_stats = stats
+        else:
+            self.last_backward_stats = stats
+        if self.on_solve is not None:
+            self.on_solve(direction, stats)
+
+    def fixed_point_map(self, y: torch.Tensor, physics) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: self.operator(x, y, physics)
+
+    def initial(self, y: torch.Tensor, physics) -> torch.Tensor:
+        return baseline(physics, y)
+
+    def solve_forward(self, y: torch.Tensor, physics, x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``x*`` without any graph, its statistics reported."""
+        with torch.no_grad():
+            y_const = y.detach()
+            x0 = self.initial(y_const, physics) if x_init is None else x_init.detach()
+            x_star, stats = solve(self.fixed_point_map(y_const, physics), x0, self.forward_solver, self.control)
+        self._report("forward", stats)
+        return x_star
+
+    def forward(self, y: torch.Tensor, physics, x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self.gradient == "unrolled" and torch.is_grad_enabled():
+            return self._unrolled(y, physics, x_init)
+        x_star = self.solve_forward(y, physics, x_init)
+        if not torch.is_grad_enabled():
+            return self.operator(x_star, y, physics)
+        x_leaf = x_star.detach().requires_grad_(self.gradient == "implicit")
+        z = self.operator(x_leaf, y, physics)
+        if self.gradient == "implicit" and z.requires_grad:
+            z.register_hook(self._adjoint_hook(z, x_leaf))
+        return z
+
+    def _adjoint_hook(self, z: torch.Tensor, x_leaf: torch.Tensor):
+        # The VJPs inside the hook start at z, which fires z's own hook again;
+        # those inner calls must pass the gradient through untouched.
+        inside = [False]
+
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            if inside[0]:
+                return grad
+
+            def adjoint_map(g: torch.Tensor) -> torch.Tensor:
+                (vjp,) = torch.autograd.grad(z, x_leaf, g, retain_graph=True)
+                return vjp + grad
+
+            inside[0] = True
+            try:
+                g, stats = solve(adjoint_map, grad, self.backward_solver, self.control)
+            finally:
+                inside[0] = False
+            self._report("backward", stats)
+            return g
+
+        return hook
+
+    def _unrolled(self, y: torch.Tensor, physics, x_init: Optional[torch.Tensor]) -> torch.Tensor:
+        started = time.perf_counter()
+        stats = SolveStats(solver="unrolled", tolerance=0.0, tolerance_mode=self.forward_solver.stop_mode)
+        x = self.initial(y, physics) if x_init is None else x_init
+        f = self.fixed_point_map(y, physics)
+        for _ in range(self.unrolled_iterations):
+            fx = f(x)
+            with torch.no_grad():
+                diff = torch.linalg.vector_norm((fx - x).flatten(1), dim=1).double()
+                stats.abs_residuals.append(diff)
+                stats.rel_residuals.append(diff / (torch.linalg.vector_norm(fx.flatten(1), dim=1).double() + 1e-12))
+            x = fx
+        stats.f_evals = self.unrolled_iterations
+        stats.iterations = torch.full((y.shape[0],), self.unrolled_iterations, dtype=torch.long)
+        stats.stop_reasons = ["max_iterations"] * y.shape[0]
+        stats.seconds = time.perf_counter() - started
+        self._report("forward", stats)
+        return x

@@ -1,0 +1,192 @@
+"""The plain event objects every observer receives.
+
+The engine reports through observers: callables that take one event. Events are
+small, copyable dataclasses holding NumPy arrays and floats, never live tensors
+with graphs, so the GUI thread, the CLI progress bar and the run-directory
+writer can all keep them safely.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+
+
+@dataclass
+class Event:
+    """Base class of all engine events."""
+
+
+@dataclass
+class SolveFinished(Event):
+    """Statistics of one fixed-point solve (forward or adjoint/backward).
+
+    ``abs_residuals`` and ``rel_residuals`` have shape ``[iterations, batch]``;
+    an entry is NaN once that sample has stopped. ``stop_reasons`` holds one of
+    ``converged``, ``max_iterations``, ``diverged``, ``non_finite``, ``stopped``
+    per sample.
+    """
+
+    direction: str
+    solver: str
+    abs_residuals: np.ndarray
+    rel_residuals: np.ndarray
+    iterations: np.ndarray
+    stop_reasons: list[str]
+    f_evals: int
+    seconds: float
+    tolerance: float
+    tolerance_mode: str
+    fallback: Optional[str] = None
+    step: Optional[int] = None
+    tag: str = ""
+
+
+@dataclass
+class RunStarted(Event):
+    run_dir: Optional[str]
+    config: dict
+    device: str
+    total_steps: int
+    start_step: int = 0
+
+
+@dataclass
+class StepFinished(Event):
+    step: int
+    losses: dict[str, float]
+    lr: float
+    seconds: float
+    grad_norm: float = float("nan")
+
+
+@dataclass
+class ValidationFinished(Event):
+    step: int
+    psnr: float
+    ssim: float
+    baseline_psnr: float = float("nan")
+    baseline_ssim: float = float("nan")
+    equivariance_error: float = float("nan")
+
+
+@dataclass
+class Snapshot(Event):
+    """Images of one validation sample at a training step, for display.
+
+    ``measurement`` is a sinogram (CT) or k-space log-magnitude (MRI) as a 2D
+    array; the images are 2D magnitude arrays. ``mask`` is the MRI sampling
+    mask (2D) or None.
+    """
+
+    step: int
+    measurement: np.ndarray
+    baseline: np.ndarray
+    reconstruction: np.ndarray
+    reference: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None
+    modality: str = "ct"
+
+
+@dataclass
+class CheckpointSaved(Event):
+    step: int
+    path: str
+
+
+@dataclass
+class LogMessage(Event):
+    level: str  # "info" | "warning" | "error"
+    message: str
+
+
+@dataclass
+class RunFinished(Event):
+    reason: str  # "completed" | "stopped" | "failed"
+    step: int
+    run_dir: Optional[str] = None
+
+
+@dataclass
+class RunFailed(Event):
+    message: str
+    step: int = 0
+
+
+Observer = Callable[[Event], None]
+
+
+@dataclass
+class Observers:
+    """A list of observers; emitting to no one costs nothing.
+
+    Producers check :attr:`active` before building expensive events (converting
+    residual traces to NumPy), so recording is free when nobody listens.
+    """
+
+    callbacks: list = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.callbacks)
+
+    def add(self, callback: Observer) -> None:
+        self.callbacks.append(callback)
+
+    def remove(self, callback: Observer) -> None:
+        self.callbacks.remove(callback)
+
+    def emit(self, event: Event) -> None:
+        for callback in list(self.callbacks):
+            callback(event)
+
+
+class RunControl:
+    """Thread-safe pause / resume / stop flags shared by a run and its controller.
+
+    The trainer checks :meth:`checkpoint` between steps and solvers call
+    :meth:`should_stop_solve` between iterations, so a stop takes effect within
+    one solver iteration and "keep current iterate" ends a long solve early.
+    """
+
+    def __init__(self) -> None:
+        self._resume = threading.Event()
+        self._resume.set()
+        self._stop = threading.Event()
+        self._keep_iterate = threading.Event()
+
+    def pause(self) -> None:
+        self._resume.clear()
+
+    def resume(self) -> None:
+        self._resume.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._resume.set()
+
+    def keep_current_iterate(self) -> None:
+        """Ask the solve in progress to return its current iterate now."""
+        self._keep_iterate.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._resume.is_set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def should_stop_solve(self) -> bool:
+        if self._keep_iterate.is_set():
+            self._keep_iterate.clear()
+            return True
+        return self._stop.is_set()
+
+    def wait_while_paused(self, timeout: Optional[float] = None) -> bool:
+        """Block while paused; returns False if a stop was requested."""
+        self._resume.wait(timeout)
+        return not self._stop.is_set()
