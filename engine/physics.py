@@ -56,12 +56,20 @@ def build_physics(cfg: PhysicsConfig, device: str | torch.device = "cpu", dtype:
     ``mask`` overrides the generated MRI mask (data that carries its own mask).
     """
     if cfg.modality == "ct":
-        exact_adjoint = dtype == torch.float32  # deepinv's autograd adjoint probes in float32
+        # The adjoint must be the exact transpose of A (autograd of A): deepinv's
+        # analytic back-projection is only approximately adjoint, and a custom
+        # autograd Function then makes autograd's dA/dx disagree with A itself,
+        # which finite differences expose (and implicit gradients inherit).
+        # deepinv normalises with a float32 probe, so in other dtypes we build
+        # unnormalised and normalise with the same power iteration ourselves.
         physics = dinv.physics.Tomography(
-            angles=cfg.views, img_width=cfg.img_size, circle=cfg.circle, normalize=True,
-            adjoint_via_backprop=exact_adjoint, device=device)
+            angles=cfg.views, img_width=cfg.img_size, circle=cfg.circle, normalize=dtype == torch.float32,
+            adjoint_via_backprop=True, device=device, dtype=dtype)
         if dtype != torch.float32:
-            physics = physics.to(dtype)
+            norm = operator_norm(physics, (1, 1, cfg.img_size, cfg.img_size), device=device, dtype=dtype, iters=100)
+            physics.register_buffer("operator_norm", torch.tensor(norm, dtype=dtype, device=device))
+            physics.normalize = True
+            physics._auto_grad_adjoint_fn = None
     else:
         if mask is None:
             mask = sampling_mask(cfg, device)

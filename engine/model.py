@@ -1,0 +1,63 @@
+"""Assemble the DEQ reconstructor from a config: denoiser, fixed-point map, solvers.
+
+Default denoiser weights: when ``model.weights`` is empty, the shipped
+pretrained weights in ``resources/weights/`` are used if one matches the
+architecture (see ``resources/weights/README.md`` for the command that made
+them); otherwise the denoiser starts from its seeded random initialisation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from engine.config import ExperimentConfig, ModelConfig
+from engine.deq import DEQReconstructor, FixedPointOperator
+from engine.denoisers import build_denoiser, load_denoiser_weights
+from engine.events import RunControl
+from engine.physics import image_channels
+from engine.solvers import SolverOptions
+
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "resources" / "weights"
+
+
+def pretrained_name(model_cfg: ModelConfig, in_channels: int) -> str:
+    """File name of the shipped weights for this architecture."""
+    sn = "sn" if model_cfg.spectral_norm else "nosn"
+    return (f"{model_cfg.denoiser}_c{model_cfg.channels}_d{model_cfg.depth}_{model_cfg.norm}_{sn}"
+            f"_in{in_channels}.pt")
+
+
+def default_weights(model_cfg: ModelConfig, in_channels: int) -> Optional[Path]:
+    path = WEIGHTS_DIR / pretrained_name(model_cfg, in_channels)
+    return path if path.is_file() else None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                control: Optional[RunControl] = None, load_weights: bool = True) -> DEQReconstructor:
+    """The configured :class:`~engine.deq.DEQReconstructor` (denoiser weights loaded when available)."""
+    in_channels = image_channels(config.physics)
+    torch.manual_seed(config.run.seed)  # reproducible initialisation
+    denoiser = build_denoiser(config.model, in_channels)
+    if load_weights:
+        weights = Path(config.model.weights) if config.model.weights else default_weights(config.model, in_channels)
+        if weights is not None:
+            load_denoiser_weights(denoiser, weights)
+    operator = FixedPointOperator(denoiser, config.deq.operator, config.deq.stepsize)
+    model = DEQReconstructor(
+        operator,
+        forward_solver=SolverOptions.from_config(config.solver),
+        backward_solver=SolverOptions.from_config(config.backward_solver),
+        gradient=config.deq.gradient,
+        unrolled_iterations=config.deq.unrolled_iterations,
+        control=control,
+    )
+    return model.to(device=device, dtype=dtype)

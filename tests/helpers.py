@@ -1,0 +1,51 @@
+"""Small building blocks shared by the engine tests."""
+
+import torch
+from torch import nn
+
+from engine.config import PhysicsConfig
+from engine.deq import DEQReconstructor, FixedPointOperator
+from engine.physics import build_physics
+from engine.solvers import SolverOptions
+
+
+class SmoothDenoiser(nn.Module):
+    """A small smooth contractive denoiser (tanh CNN, averaged): exact float64 gradients, no GroupNorm."""
+
+    def __init__(self, channels: int = 1, hidden: int = 8, scale: float = 0.3):
+        super().__init__()
+        self.c1 = nn.Conv2d(channels, hidden, 3, padding=1)
+        self.c2 = nn.Conv2d(hidden, channels, 3, padding=1)
+        self.scale = scale
+
+    def forward(self, x, sigma=None):
+        return 0.5 * (x + self.scale * self.c2(torch.tanh(self.c1(x))))
+
+
+class ExpansiveDenoiser(nn.Module):
+    """Deliberately expansive: Lipschitz 1.8 (for divergence reporting)."""
+
+    def forward(self, x, sigma=None):
+        return 1.8 * x + 0.1
+
+
+def tiny_ct(size=16, views=8, dtype=torch.float64):
+    return build_physics(PhysicsConfig(img_size=size, views=views, noise="none"), dtype=dtype)
+
+
+def make_deq(denoiser, gradient="implicit", solver="anderson", tol=1e-12, max_iter=400, iters=200,
+             stop_mode="abs"):
+    opts = SolverOptions(name=solver, tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+    return DEQReconstructor(FixedPointOperator(denoiser), opts, opts, gradient=gradient, unrolled_iterations=iters)
+
+
+class SlowSmoothingDenoiser(nn.Module):
+    """Nonlinear smoothing close to non-expansive (rate ~0.99): the slow null-space regime of trained DEQs."""
+
+    def __init__(self, lipschitz: float = 0.99):
+        super().__init__()
+        self.lipschitz = lipschitz
+
+    def forward(self, x, sigma=None):
+        blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
+        return self.lipschitz * (0.5 * x + 0.4 * blurred + 0.1 * torch.tanh(blurred))
