@@ -1,0 +1,59 @@
+"""Data layer: procedural phantoms, scan readers and training-image preparation.
+
+Public API (everything a caller needs; the format modules are implementation):
+
+* phantoms: :func:`random_ellipses`, :func:`shepp_logan`, :func:`phantom_batch`
+* scans: :class:`Scan`, :func:`load_scan`, :func:`list_series` (+ :class:`SeriesInfo`),
+  :data:`MAX_VOXELS`, :data:`SUPPORTED_SUFFIXES`
+* intensity: :func:`window`, :data:`CT_WINDOWS`, :data:`AUTO_CT_WINDOW`,
+  :func:`normalise_magnitude`, :func:`to_square`, :func:`resize`, :func:`prepare_slices`
+* datasets: :func:`slice_range`, :func:`load_training_images`
+* real data on this machine: :func:`invesalius_head_ct_path`, :func:`colin27_t1_path`,
+  :func:`pydicom_test_file`
+
+Never imports Qt. Every user-caused failure is an :class:`~engine.errors.ScanError`
+(files) or :class:`~engine.errors.ConfigError` (settings).
+"""
+
+from engine.data.datasets import VAL_SEED_OFFSET, load_training_images, slice_range
+from engine.data.dicom import SeriesInfo, list_series
+from engine.data.intensity import (
+    AUTO_CT_WINDOW,
+    CT_WINDOWS,
+    normalise_magnitude,
+    prepare_slices,
+    resize,
+    resolve_window,
+    to_square,
+    window,
+)
+from engine.data.phantoms import PHANTOM_KINDS, phantom_batch, random_ellipses, shepp_logan
+from engine.data.real_data import colin27_t1_path, invesalius_head_ct_path, pydicom_test_file
+from engine.data.scans import MAX_VOXELS, SUPPORTED_SUFFIXES, Scan, load_scan
+
+__all__ = [
+    "AUTO_CT_WINDOW",
+    "CT_WINDOWS",
+    "MAX_VOXELS",
+    "PHANTOM_KINDS",
+    "SUPPORTED_SUFFIXES",
+    "Scan",
+    "SeriesInfo",
+    "VAL_SEED_OFFSET",
+    "colin27_t1_path",
+    "invesalius_head_ct_path",
+    "list_series",
+    "load_scan",
+    "load_training_images",
+    "normalise_magnitude",
+    "phantom_batch",
+    "prepare_slices",
+    "pydicom_test_file",
+    "random_ellipses",
+    "resize",
+    "resolve_window",
+    "shepp_logan",
+    "slice_range",
+    "to_square",
+    "window",
+]

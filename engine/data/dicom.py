@@ -1,0 +1,618 @@
+"""DICOM reading: single files, series folders, classic and Enhanced multi-frame.
+
+What this module guarantees:
+
+* **Rescale** (modality LUT) is always applied, wherever the standard allows it
+  to live: the top-level RescaleSlope/RescaleIntercept, the
+  SharedFunctionalGroupsSequence > PixelValueTransformationSequence of Enhanced
+  CT/MR, or per frame in PerFrameFunctionalGroupsSequence (which wins). A
+  ModalityLUTSequence is applied when no rescale is present. CT comes out in
+  Hounsfield units (``Scan.units == "HU"``).
+* **Slice order** of a series folder follows ImagePositionPatient projected on
+  the slice normal (cross product of the ImageOrientationPatient cosines); when
+  a file lacks geometry it falls back to InstanceNumber, then to the file name.
+  Frames of an Enhanced multi-frame object are sorted the same way using their
+  PlanePositionSequence.
+* **Several series** in one folder raise a ScanError listing them, unless
+  ``series=`` (a SeriesInstanceUID or SeriesNumber) picks one; see
+  :func:`list_series`.
+* **Byte order, VR and signedness** are decoded by pydicom; compressed transfer
+  syntaxes use whatever pydicom pixel-data plugins are installed, and a missing
+  codec becomes a ScanError that names the file and the package to install.
+* **Corrupt inputs** (random bytes, truncated pixel data, no pixel data, a
+  structured report) raise ScanError naming the file and the problem; no
+  pydicom exception escapes.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from engine.data.scans import MAX_VOXELS, Scan, check_finite, check_voxels, display_name
+from engine.errors import ScanError
+
+__all__ = [
+    "SeriesInfo",
+    "list_series",
+    "read_dicom_file",
+    "read_dicom_folder",
+    "looks_like_dicom_without_preamble",
+]
+
+_PIXEL_TAGS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+#: pip packages that provide decoders, by transfer-syntax family
+_CODEC_HINTS = {
+    "jpeg": "pip install pylibjpeg pylibjpeg-libjpeg",
+    "jpegls": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install pyjpegls)",
+    "j2k": "pip install pylibjpeg pylibjpeg-openjpeg",
+    "rle": "pip install pylibjpeg pylibjpeg-rle",
+    "other": "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg  (or: pip install python-gdcm)",
+}
+
+_METADATA_KEYS = (
+    "PatientID", "PatientName", "PatientSex", "PatientAge", "StudyInstanceUID", "StudyDate",
+    "StudyDescription", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription", "Modality",
+    "Manufacturer", "ManufacturerModelName", "BodyPartExamined", "SliceThickness", "KVP",
+    "Rows", "Columns", "PixelSpacing", "NumberOfFrames", "PhotometricInterpretation",
+    "BitsAllocated", "BitsStored", "PixelRepresentation", "RescaleSlope", "RescaleIntercept",
+    "WindowCenter", "WindowWidth", "MagneticFieldStrength", "EchoTime", "RepetitionTime",
+)
+
+
+def _pydicom():
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom is a hard dependency
+        raise ScanError("reading DICOM needs pydicom (pip install pydicom)") from None
+    return pydicom
+
+
+# -- file recognition -----------------------------------------------------------------------
+
+
+def looks_like_dicom_without_preamble(head: bytes) -> bool:
+    """True when ``head`` plausibly starts a DICOM stream that has no 128-byte preamble.
+
+    Such files begin directly with a group 0x0002 (file meta) or 0x0008 element,
+    little- or big-endian. Random bytes pass this with probability ~3e-5, and
+    then still have to parse.
+    """
+    if len(head) < 8:
+        return False
+    g_le = int.from_bytes(head[0:2], "little")
+    e_le = int.from_bytes(head[2:4], "little")
+    g_be = int.from_bytes(head[0:2], "big")
+    e_be = int.from_bytes(head[2:4], "big")
+    return (g_le in (0x0002, 0x0008) and e_le < 0x1000) or (g_be == 0x0008 and e_be < 0x1000)
+
+
+def _has_preamble(path: Path) -> tuple[bool, bool]:
+    """(is DICOM-looking, has preamble 'DICM')."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError as exc:
+        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True, True
+    return looks_like_dicom_without_preamble(head), False
+
+
+def _dcmread(path: Path, *, header_only: bool):
+    """pydicom.dcmread with every failure mapped to ScanError; never forces random bytes."""
+    pydicom = _pydicom()
+    name = display_name(path)
+    plausible, preamble = _has_preamble(path)
+    if not plausible:
+        raise ScanError(f"{name}: not a DICOM file (no 'DICM' marker and no DICOM header)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path), stop_before_pixels=header_only, force=not preamble)
+            # force=True reads lazily; touch every top-level element so garbage fails here
+            n = sum(1 for _ in ds)
+    except ScanError:
+        raise
+    except pydicom.errors.InvalidDicomError:
+        raise ScanError(f"{name}: not a DICOM file") from None
+    except MemoryError:
+        raise ScanError(f"{name}: corrupt DICOM file (absurd element length)") from None
+    except Exception as exc:
+        raise ScanError(f"{name}: corrupt or truncated DICOM file ({_short(exc)})") from None
+    if n == 0:
+        raise ScanError(f"{name}: not a DICOM file (no data elements)")
+    if not preamble:
+        # a forced parse of non-DICOM bytes yields nonsense tags: require a sane image/identity tag
+        keys = ("SOPClassUID", "Modality", "Rows", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
+        if not any(_safe_get(ds, k) is not None for k in keys):
+            raise ScanError(f"{name}: not a DICOM file (no recognisable DICOM attributes)")
+    return ds
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:300]
+
+
+def _safe_get(ds, key, default=None):
+    """ds.get(key) that never raises (values of forced/corrupt files convert lazily)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            value = ds.get(key, default)
+    except Exception:
+        return default
+    return default if value is None or value == "" else value
+
+
+def _as_str(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        return "\\".join(_as_str(v) for v in value)
+    try:
+        if isinstance(value, bytes):
+            return value.decode("latin-1", errors="replace").strip("\x00 ")
+        return str(value).strip()
+    except Exception:
+        return "?"
+
+
+def _floats(value, n: int) -> Optional[tuple]:
+    try:
+        out = tuple(float(v) for v in value)
+    except Exception:
+        return None
+    if len(out) != n or not all(np.isfinite(out)):
+        return None
+    return out
+
+
+def _int(value, default=None):
+    try:
+        return int(value)
+    except Exception:
+        return default
+
+
+# -- geometry and rescale -------------------------------------------------------------------
+
+
+def _normal(orientation: Optional[tuple]) -> Optional[np.ndarray]:
+    if orientation is None:
+        return None
+    row, col = np.asarray(orientation[:3]), np.asarray(orientation[3:])
+    n = np.cross(row, col)
+    norm = np.linalg.norm(n)
+    return n / norm if norm > 1e-6 else None
+
+
+def _fg_item(ds, frame: Optional[int], item_name: str):
+    """Functional-group macro ``item_name`` for a frame: per-frame first, then shared."""
+    if frame is not None:
+        per = _safe_get(ds, "PerFrameFunctionalGroupsSequence")
+        if per is not None and frame < len(per):
+            sub = _safe_get(per[frame], item_name)
+            if sub:
+                return sub[0]
+    shared = _safe_get(ds, "SharedFunctionalGroupsSequence")
+    if shared:
+        sub = _safe_get(shared[0], item_name)
+        if sub:
+            return sub[0]
+    return None
+
+
+def _rescale(ds, n_frames: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
+    """Per-frame (slopes, intercepts, found, rescale_type) from top level / functional groups."""
+    slope = np.ones(n_frames)
+    intercept = np.zeros(n_frames)
+    found = False
+    rtype = _as_str(_safe_get(ds, "RescaleType"))
+    s, i = _safe_get(ds, "RescaleSlope"), _safe_get(ds, "RescaleIntercept")
+    if s is not None or i is not None:
+        slope[:] = float(s) if s is not None else 1.0
+        intercept[:] = float(i) if i is not None else 0.0
+        found = True
+    has_fg = _safe_get(ds, "SharedFunctionalGroupsSequence") or _safe_get(ds, "PerFrameFunctionalGroupsSequence")
+    if has_fg:
+        for f in range(n_frames):
+            item = _fg_item(ds, f, "PixelValueTransformationSequence")
+            if item is None:
+                continue
+            s, i = _safe_get(item, "RescaleSlope"), _safe_get(item, "RescaleIntercept")
+            if s is not None:
+                slope[f] = float(s)
+                found = True
+            if i is not None:
+                intercept[f] = float(i)
+                found = True
+            rtype = _as_str(_safe_get(item, "RescaleType")) or rtype
+    if not (np.isfinite(slope).all() and np.isfinite(intercept).all()):
+        raise ScanError("RescaleSlope/RescaleIntercept are not finite numbers")
+    return slope, intercept, found, rtype
+
+
+def _frame_geometry(ds, n_frames: int):
+    """(positions per frame or None, orientation or None, spacing or None)."""
+    orientation = _floats(_safe_get(ds, "ImageOrientationPatient"), 6)
+    spacing = _floats(_safe_get(ds, "PixelSpacing"), 2)
+    ipp = _floats(_safe_get(ds, "ImagePositionPatient"), 3)
+    positions = [ipp] * n_frames if (ipp is not None and n_frames == 1) else None
+    if _safe_get(ds, "SharedFunctionalGroupsSequence") or _safe_get(ds, "PerFrameFunctionalGroupsSequence"):
+        pos = []
+        for f in range(n_frames):
+            item = _fg_item(ds, f, "PlanePositionSequence")
+            pos.append(_floats(_safe_get(item, "ImagePositionPatient"), 3) if item is not None else None)
+        if all(p is not None for p in pos):
+            positions = pos
+        item = _fg_item(ds, 0, "PlaneOrientationSequence")
+        if item is not None:
+            orientation = _floats(_safe_get(item, "ImageOrientationPatient"), 6) or orientation
+        item = _fg_item(ds, 0, "PixelMeasuresSequence")
+        if item is not None:
+            spacing = _floats(_safe_get(item, "PixelSpacing"), 2) or spacing
+    return positions, orientation, spacing
+
+
+# -- pixel decoding -------------------------------------------------------------------------
+
+
+def _codec_hint(ts) -> str:
+    name = _as_str(getattr(ts, "name", ts)).lower()
+    if "2000" in name:
+        return _CODEC_HINTS["j2k"]
+    if "jpeg-ls" in name or "jpeg ls" in name:
+        return _CODEC_HINTS["jpegls"]
+    if "jpeg" in name:
+        return _CODEC_HINTS["jpeg"]
+    if "rle" in name:
+        return _CODEC_HINTS["rle"]
+    return _CODEC_HINTS["other"]
+
+
+def _decode(ds, path: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
+    """Decoded, rescaled frames as float32 [frames, H, W] plus geometry/units info."""
+    name = display_name(path)
+    present = [t for t in _PIXEL_TAGS if t in ds]
+    if not present:
+        sop = _safe_get(ds, "SOPClassUID")
+        what = getattr(sop, "name", None) or _as_str(sop) or "unknown object"
+        modality = _as_str(_safe_get(ds, "Modality"))
+        extra = f", Modality {modality}" if modality else ""
+        raise ScanError(f"{name}: no pixel data (missing PixelData; SOP class: {what}{extra}; not an image)")
+    rows, cols = _int(_safe_get(ds, "Rows")), _int(_safe_get(ds, "Columns"))
+    if not rows or not cols or rows <= 0 or cols <= 0:
+        raise ScanError(f"{name}: image has no valid Rows/Columns ({rows!r} x {cols!r})")
+    frames = _int(_safe_get(ds, "NumberOfFrames", 1), 1) or 1
+    spp = _int(_safe_get(ds, "SamplesPerPixel", 1), 1) or 1
+    if frames < 0 or spp not in (1, 3, 4):
+        raise ScanError(f"{name}: invalid NumberOfFrames/SamplesPerPixel ({frames}, {spp})")
+    check_voxels((frames, rows, cols, spp), path, max_voxels, what="pixel data")
+
+    file_meta = getattr(ds, "file_meta", None)
+    ts = _safe_get(file_meta, "TransferSyntaxUID") if file_meta is not None else None
+    compressed = bool(getattr(ts, "is_compressed", False))
+
+    if present[0] == "PixelData" and not compressed:
+        from pydicom.pixels.utils import get_expected_length
+
+        bits = _int(_safe_get(ds, "BitsAllocated"), 0)
+        if bits not in (1, 8, 16, 32, 64):
+            raise ScanError(f"{name}: unsupported BitsAllocated {bits!r}")
+        raw = ds.PixelData
+        try:
+            expected = int(get_expected_length(ds, "bytes"))
+        except Exception:
+            expected = (rows * cols * frames * spp * bits + 7) // 8
+        if isinstance(raw, (bytes, bytearray)) and len(raw) < expected:
+            raise ScanError(
+                f"{name}: pixel data is truncated ({len(raw):,} of {expected:,} bytes present)"
+            )
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except ScanError:
+        raise
+    except MemoryError:
+        raise ScanError(f"{name}: not enough memory to decode the pixel data") from None
+    except Exception as exc:
+        msg = str(exc)
+        if "less than expected" in msg or "truncat" in msg.lower():
+            raise ScanError(f"{name}: pixel data is truncated ({_short(exc)})") from None
+        if compressed and (
+            "missing dependencies" in msg or "plugin" in msg.lower() or "not support" in msg
+            or isinstance(exc, (RuntimeError, NotImplementedError))
+        ):
+            tsname = getattr(ts, "name", _as_str(ts))
+            raise ScanError(
+                f"{name}: cannot decode '{tsname}' compressed pixel data: no working decoder is "
+                f"installed ({_codec_hint(ts)})"
+            ) from None
+        raise ScanError(f"{name}: cannot decode pixel data ({_short(exc)})") from None
+
+    arr = np.asarray(arr)
+    # normalise to [frames, H, W(, samples)]
+    if spp > 1:
+        if arr.ndim == 3:
+            arr = arr[None]
+        if arr.ndim != 4:
+            raise ScanError(f"{name}: unexpected colour pixel array shape {arr.shape}")
+        rgb = arr[..., :3].astype(np.float64)
+        arr = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
+    else:
+        if arr.ndim == 2:
+            arr = arr[None]
+        if arr.ndim != 3:
+            raise ScanError(f"{name}: unexpected pixel array shape {arr.shape}")
+    if arr.shape[1:] != (rows, cols):
+        raise ScanError(f"{name}: decoded {arr.shape[1:]} pixels but header says {rows} x {cols}")
+    n = arr.shape[0]
+
+    slope, intercept, found, rtype = _rescale(ds, n)
+    out = arr.astype(np.float64)
+    if found:
+        out = out * slope[:, None, None] + intercept[:, None, None]
+    elif _safe_get(ds, "ModalityLUTSequence"):
+        from pydicom.pixels import apply_modality_lut
+
+        out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+
+    modality_tag = _as_str(_safe_get(ds, "Modality")).upper()
+    sop_name = _as_str(getattr(_safe_get(ds, "SOPClassUID"), "name", "")).lower()
+    if modality_tag == "CT" or (not modality_tag and " ct " in f" {sop_name} "):
+        modality, units = "ct", ("HU" if rtype.upper() in ("", "HU") else "arbitrary")
+    elif modality_tag == "MR" or (not modality_tag and " mr " in f" {sop_name} "):
+        modality, units = "mri", "magnitude"
+    else:
+        modality, units = "unknown", "arbitrary"
+
+    photometric = _as_str(_safe_get(ds, "PhotometricInterpretation")).upper()
+    if photometric == "MONOCHROME1" and units != "HU":
+        # MONOCHROME1: the lowest value is displayed white; flip so bright = high
+        out = out.max() + out.min() - out
+
+    out = out.astype(np.float32)
+    check_finite(out, path)
+    positions, orientation, spacing = _frame_geometry(ds, n)
+    order = _sort_order(positions, orientation, None, n)
+    if order is not None and n > 1:
+        out = out[order]
+        positions = [positions[i] for i in order]
+    info = {
+        "modality": modality, "units": units, "positions": positions, "orientation": orientation,
+        "spacing": spacing, "rescaled": found, "transfer_syntax": getattr(ts, "name", _as_str(ts)),
+    }
+    return out, info
+
+
+def _sort_order(positions, orientation, fallback_numbers, n) -> Optional[list[int]]:
+    """Order along the slice normal; None if geometry is missing (caller falls back)."""
+    normal = _normal(orientation)
+    if normal is None or positions is None or any(p is None for p in positions):
+        if fallback_numbers is not None and all(v is not None for v in fallback_numbers):
+            return sorted(range(n), key=lambda i: (fallback_numbers[i], i))
+        return None
+    keys = [float(np.dot(normal, p)) for p in positions]
+    return sorted(range(n), key=lambda i: (keys[i], i))
+
+
+def _metadata(ds, n_slices: int, info: dict, source: Path, extra: Optional[dict] = None) -> dict:
+    meta = {"Format": "DICOM"}
+    for key in _METADATA_KEYS:
+        value = _safe_get(ds, key)
+        if value is not None:
+            text = _as_str(value)
+            if text:
+                meta[key] = text[:200]
+    sop = _safe_get(ds, "SOPClassUID")
+    if sop is not None:
+        meta["SOPClass"] = _as_str(getattr(sop, "name", sop))
+    if info.get("transfer_syntax"):
+        meta["TransferSyntax"] = _as_str(info["transfer_syntax"])
+    meta["Slices"] = str(n_slices)
+    meta["Units"] = info["units"]
+    meta["Rescaled"] = "yes" if info.get("rescaled") else "no"
+    meta.update(extra or {})
+    return meta
+
+
+def read_dicom_file(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """One DICOM file (single- or multi-frame) as an image Scan."""
+    path = Path(path)
+    ds = _dcmread(path, header_only=False)
+    try:
+        images, info = _decode(ds, path, max_voxels)
+        meta = _metadata(ds, images.shape[0], info, path)
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise ScanError(f"{display_name(path)}: invalid DICOM image ({_short(exc)})") from None
+    return Scan(
+        kind="image", images=images, modality=info["modality"], source=str(path), units=info["units"],
+        spacing=info["spacing"], positions=info["positions"], orientation=info["orientation"], metadata=meta,
+    )
+
+
+# -- folders and series ---------------------------------------------------------------------
+
+
+@dataclass
+class SeriesInfo:
+    """One DICOM series found in a folder (see :func:`list_series`)."""
+
+    uid: str
+    modality: str = ""
+    description: str = ""
+    number: str = ""
+    rows: int = 0
+    columns: int = 0
+    files: list = field(default_factory=list)  #: file paths (str), unsorted
+
+    @property
+    def n_files(self) -> int:
+        return len(self.files)
+
+    def label(self) -> str:
+        parts = [self.uid]
+        details = ", ".join(
+            x for x in (self.modality, f"#{self.number}" if self.number else "",
+                        repr(self.description) if self.description else "",
+                        f"{self.n_files} file{'s' if self.n_files != 1 else ''}",
+                        f"{self.rows}x{self.columns}") if x
+        )
+        return f"{parts[0]} ({details})"
+
+
+def _candidate_files(folder: Path) -> list[Path]:
+    files = []
+    for p in sorted(folder.rglob("*")):
+        if p.name.startswith(".") or p.name.upper() == "DICOMDIR" or not p.is_file():
+            continue
+        files.append(p)
+    return files
+
+
+def _scan_headers(folder: Path):
+    """(headers by file, skipped [(file, reason)]) for every DICOM image file under folder."""
+    headers, skipped, non_image = [], [], []
+    for p in _candidate_files(folder):
+        try:
+            plausible, _ = _has_preamble(p)
+            if not plausible:
+                continue
+            ds = _dcmread(p, header_only=True)
+        except ScanError as exc:
+            skipped.append((p, str(exc)))
+            continue
+        if _safe_get(ds, "Rows") is None or _safe_get(ds, "Columns") is None:
+            sop = _safe_get(ds, "SOPClassUID")
+            non_image.append((p, _as_str(getattr(sop, "name", sop)) or "non-image object"))
+            continue
+        headers.append((p, ds))
+    return headers, skipped, non_image
+
+
+def _group(headers) -> dict[str, SeriesInfo]:
+    groups: dict[str, SeriesInfo] = {}
+    for p, ds in headers:
+        uid = _as_str(_safe_get(ds, "SeriesInstanceUID")) or "<no SeriesInstanceUID>"
+        info = groups.get(uid)
+        if info is None:
+            info = groups[uid] = SeriesInfo(
+                uid=uid,
+                modality=_as_str(_safe_get(ds, "Modality")),
+                description=_as_str(_safe_get(ds, "SeriesDescription")),
+                number=_as_str(_safe_get(ds, "SeriesNumber")),
+                rows=_int(_safe_get(ds, "Rows"), 0),
+                columns=_int(_safe_get(ds, "Columns"), 0),
+            )
+        info.files.append(str(p))
+    return groups
+
+
+def _series_sort_key(s: SeriesInfo):
+    num = _int(s.number)
+    return (num is None, num if num is not None else 0, s.uid)
+
+
+def list_series(folder) -> list[SeriesInfo]:
+    """The image series in a DICOM folder (searched recursively), ordered by SeriesNumber."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ScanError(f"{folder}: not a folder")
+    headers, _, _ = _scan_headers(folder)
+    return sorted(_group(headers).values(), key=_series_sort_key)
+
+
+def read_dicom_folder(folder, *, series: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> Scan:
+    """A DICOM series folder as one image Scan, slices sorted along the slice normal."""
+    folder = Path(folder)
+    name = display_name(folder)
+    headers, skipped, non_image = _scan_headers(folder)
+    if not headers:
+        detail = ""
+        if non_image:
+            detail = f"; found only non-image objects ({', '.join(sorted({w for _, w in non_image}))})"
+        elif skipped:
+            detail = f"; {len(skipped)} unreadable file(s), e.g. {skipped[0][1]}"
+        raise ScanError(f"{name}: no DICOM image files in this folder{detail}")
+    groups = _group(headers)
+    ordered = sorted(groups.values(), key=_series_sort_key)
+    if series is not None:
+        key = str(series).strip()
+        chosen = [s for s in ordered if s.uid == key] or [s for s in ordered if s.number and s.number == key]
+        if len(chosen) != 1:
+            listing = "; ".join(s.label() for s in ordered)
+            why = "matches several series" if chosen else "is not in this folder"
+            raise ScanError(f"{name}: series '{key}' {why}; available: {listing}")
+        info = chosen[0]
+    elif len(ordered) > 1:
+        listing = "; ".join(s.label() for s in ordered)
+        raise ScanError(f"{name}: folder holds {len(ordered)} series, choose one with series=: {listing}")
+    else:
+        info = ordered[0]
+
+    by_path = {str(p): ds for p, ds in headers}
+    members = [(Path(f), by_path[f]) for f in info.files]
+
+    # consistent slice size, size guard before decoding anything
+    sizes = {(_int(_safe_get(ds, "Rows"), 0), _int(_safe_get(ds, "Columns"), 0)) for _, ds in members}
+    if len(sizes) != 1:
+        listing = ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
+        raise ScanError(f"{name}: series {info.uid} mixes image sizes ({listing})")
+    rows, cols = sizes.pop()
+    total_frames = sum(max(1, _int(_safe_get(ds, "NumberOfFrames", 1), 1) or 1) for _, ds in members)
+    check_voxels((total_frames, rows, cols), folder, max_voxels, what="series")
+
+    # sort files: position along the normal, else InstanceNumber, else file name
+    first_orientation = _floats(_safe_get(members[0][1], "ImageOrientationPatient"), 6)
+    positions = [_floats(_safe_get(ds, "ImagePositionPatient"), 3) for _, ds in members]
+    numbers = [_int(_safe_get(ds, "InstanceNumber")) for _, ds in members]
+    order = _sort_order(positions, first_orientation, numbers, len(members))
+    sort_by = "position" if order is not None and _normal(first_orientation) is not None and all(
+        p is not None for p in positions) else ("InstanceNumber" if order is not None else "file name")
+    if order is None:
+        order = sorted(range(len(members)), key=lambda i: members[i][0].name)
+    members = [members[i] for i in order]
+
+    stack = np.empty((total_frames, rows, cols), dtype=np.float32)
+    all_positions: list = []
+    first_info = None
+    k = 0
+    for p, _ in members:
+        ds = _dcmread(p, header_only=False)
+        try:
+            frames, finfo = _decode(ds, p, max_voxels)
+        except ScanError:
+            raise
+        except Exception as exc:
+            raise ScanError(f"{display_name(p)}: invalid DICOM image ({_short(exc)})") from None
+        if frames.shape[1:] != (rows, cols):
+            raise ScanError(f"{display_name(p)}: decoded size {frames.shape[1:]} differs from the series")
+        stack[k:k + frames.shape[0]] = frames
+        k += frames.shape[0]
+        fpos = finfo["positions"]
+        all_positions.extend(fpos if fpos is not None else [None] * frames.shape[0])
+        if first_info is None:
+            first_info, first_ds = finfo, ds
+    stack = stack[:k]
+    meta = _metadata(first_ds, k, first_info, folder, extra={
+        "Files": str(len(members)), "SliceOrder": sort_by,
+        **({"SkippedFiles": str(len(skipped))} if skipped else {}),
+    })
+    return Scan(
+        kind="image", images=stack, modality=first_info["modality"], source=str(folder),
+        units=first_info["units"], spacing=first_info["spacing"],
+        positions=all_positions if any(p is not None for p in all_positions) else None,
+        orientation=first_info["orientation"], metadata=meta,
+    )

@@ -1,0 +1,320 @@
+"""The :class:`Scan` model and :func:`load_scan`, the one entry point for scan files.
+
+``load_scan`` dispatches on the file extension (and, for unknown extensions, on
+the first bytes of the file) to the format readers:
+
+* DICOM file (``.dcm``/``.dicom``/``.ima`` or sniffed) or series folder -> :mod:`engine.data.dicom`
+* HDF5 (``.h5``/``.hdf5``/``.hdf``: fastMRI, sinogram, deepinv, plain) -> :mod:`engine.data.hdf5`
+* ``.npy``/``.npz``, PNG/TIFF/JPEG/BMP, NIfTI (``.nii``/``.nii.gz``),
+  InVesalius ``.inv3`` -> :mod:`engine.data.volumes`
+
+Every failure a file can cause surfaces as :class:`~engine.errors.ScanError`
+with a one-line message naming the file and the problem; no reader lets a raw
+third-party exception escape.
+
+Sizes are checked from headers *before* any pixel data is allocated: arrays with
+more than :data:`MAX_VOXELS` elements (overridable per call with
+``max_voxels=``) are refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from engine.errors import ScanError
+
+__all__ = [
+    "Scan",
+    "load_scan",
+    "MAX_VOXELS",
+    "SCAN_KINDS",
+    "SUPPORTED_SUFFIXES",
+]
+
+#: Default upper bound on the number of elements of any array a reader allocates.
+MAX_VOXELS = 2**28
+
+SCAN_KINDS = ("image", "kspace", "sinogram")
+
+_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+_HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+_NUMPY_SUFFIXES = (".npy", ".npz")
+_PIL_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_INV3_SUFFIXES = (".inv3",)
+
+#: Every suffix :func:`load_scan` knows (folders are read as DICOM series).
+SUPPORTED_SUFFIXES = (
+    _DICOM_SUFFIXES + _HDF5_SUFFIXES + _NUMPY_SUFFIXES + _PIL_SUFFIXES + _NIFTI_SUFFIXES + _INV3_SUFFIXES
+)
+
+
+@dataclass
+class Scan:
+    """A loaded scan: image-domain slices or raw measurements plus display metadata.
+
+    Exactly one of ``images`` (kind ``"image"``), ``kspace`` (``"kspace"``) or
+    ``sinogram`` (``"sinogram"``) holds the data.
+    """
+
+    kind: str  #: "image" | "kspace" | "sinogram"
+    images: Optional[np.ndarray] = None  #: float32 [slices, H, W]; CT in HU when known
+    kspace: Optional[np.ndarray] = None  #: complex64 [slices, coils, H, W]
+    mask: Optional[np.ndarray] = None  #: k-space sampling mask [H, W] or [W]
+    sinogram: Optional[np.ndarray] = None  #: float32 [slices, views, detectors]
+    angles: Optional[np.ndarray] = None  #: projection angles in degrees
+    reference: Optional[np.ndarray] = None  #: optional reference images [slices, H, W]
+    modality: str = "unknown"  #: "ct" | "mri" | "unknown"
+    source: str = ""  #: file or folder path
+    units: str = "arbitrary"  #: "HU" | "magnitude" | "arbitrary"
+    spacing: Optional[tuple] = None  #: (row, col) pixel spacing in mm
+    positions: Optional[list] = None  #: per-slice ImagePositionPatient
+    orientation: Optional[tuple] = None  #: ImageOrientationPatient (6 direction cosines)
+    metadata: dict = field(default_factory=dict)  #: str -> str, for the GUI info panel
+
+    @property
+    def data(self) -> np.ndarray:
+        """The array that holds this scan's data (images, kspace or sinogram)."""
+        arr = {"image": self.images, "kspace": self.kspace, "sinogram": self.sinogram}.get(self.kind)
+        if arr is None:
+            raise ScanError(f"{self.source or 'scan'}: kind '{self.kind}' has no data")
+        return arr
+
+    @property
+    def n_slices(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def slice_shape(self) -> tuple[int, int]:
+        """(H, W) of one image / k-space slice, or (views, detectors) of a sinogram."""
+        return tuple(int(s) for s in self.data.shape[-2:])
+
+    def summary(self) -> str:
+        """One line for logs and status bars."""
+        shape = "x".join(str(s) for s in self.data.shape)
+        name = os.path.basename(str(self.source).rstrip("/\\")) or "scan"
+        return f"{name}: {self.kind} {shape} ({self.modality}, {self.units})"
+
+
+# -- helpers shared by the readers --------------------------------------------------------
+
+
+def display_name(path) -> str:
+    """The short name used in messages (file name, or folder name for a series)."""
+    p = Path(path)
+    return p.name or str(p)
+
+
+def check_voxels(shape, source, max_voxels: Optional[int], what: str = "array") -> None:
+    """Refuse an allocation of ``prod(shape)`` elements above the limit (before allocating)."""
+    limit = MAX_VOXELS if max_voxels is None else int(max_voxels)
+    try:
+        dims = [int(s) for s in shape]
+    except (TypeError, ValueError):
+        raise ScanError(f"{display_name(source)}: {what} has an invalid shape {shape!r}") from None
+    if any(d < 0 for d in dims):
+        raise ScanError(f"{display_name(source)}: {what} has a negative dimension {tuple(dims)}")
+    total = 1
+    for d in dims:
+        total *= d
+    if total > limit:
+        raise ScanError(
+            f"{display_name(source)}: {what} of shape {tuple(dims)} has {total:,} elements, "
+            f"more than the limit of {limit:,}"
+        )
+    if total == 0:
+        raise ScanError(f"{display_name(source)}: {what} is empty (shape {tuple(dims)})")
+
+
+def check_finite(arr: np.ndarray, source, what: str = "image data") -> None:
+    """ScanError when ``arr`` contains NaN or Inf."""
+    if arr.size == 0:
+        raise ScanError(f"{display_name(source)}: {what} is empty")
+    if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+        n_nan = int(np.isnan(arr).sum())
+        kind = "NaN" if n_nan else "Inf"
+        raise ScanError(f"{display_name(source)}: {what} contains {kind} values (not allowed)")
+
+
+def as_image_stack(arr: np.ndarray, source, what: str = "image data") -> np.ndarray:
+    """A real 2-D or 3-D array as float32 ``[slices, H, W]``, checked for size and finiteness."""
+    arr = np.asarray(arr)
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ScanError(f"{display_name(source)}: {what} has unsupported dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ScanError(f"{display_name(source)}: {what} is complex; expected real images")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ScanError(
+            f"{display_name(source)}: {what} has shape {arr.shape}; expected [H, W] or [slices, H, W]"
+        )
+    if arr.size == 0:
+        raise ScanError(f"{display_name(source)}: {what} is empty (shape {arr.shape})")
+    out = np.ascontiguousarray(arr, dtype=np.float32)
+    check_finite(out, source, what)
+    return out
+
+
+def as_kspace(arr: np.ndarray, source, what: str = "k-space") -> np.ndarray:
+    """Complex k-space as complex64 ``[slices, coils, H, W]`` ([H,W] / [S,H,W] get unit axes)."""
+    arr = np.asarray(arr)
+    if not np.iscomplexobj(arr):
+        raise ScanError(f"{display_name(source)}: {what} has real dtype {arr.dtype}; expected complex")
+    if arr.ndim == 2:
+        arr = arr[None, None]
+    elif arr.ndim == 3:
+        arr = arr[:, None]
+    if arr.ndim != 4:
+        raise ScanError(
+            f"{display_name(source)}: {what} has shape {arr.shape}; expected [H, W], "
+            "[slices, H, W] or [slices, coils, H, W]"
+        )
+    out = np.ascontiguousarray(arr, dtype=np.complex64)
+    check_finite(out, source, what)
+    return out
+
+
+def image_scan(images, source, *, modality="unknown", units="arbitrary", metadata=None, **kw) -> Scan:
+    """Build a kind="image" Scan with standard metadata filled in."""
+    images = as_image_stack(images, source)
+    meta = {"Format": "", "Slices": str(images.shape[0]), "Rows": str(images.shape[1]),
+            "Columns": str(images.shape[2])}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    return Scan(kind="image", images=images, modality=modality, source=str(source), units=units,
+                metadata=meta, **kw)
+
+
+# -- dispatch -------------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _sniff(path: Path) -> str:
+    """Guess the format of a file with an unknown extension from its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "hdf5"
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if head.startswith(b"PK\x03\x04"):
+        return "npz"
+    if head.startswith(b"\x89PNG") or head[:4] in (b"II*\x00", b"MM\x00*") or head.startswith(b"\xff\xd8"):
+        return "pil"
+    if head.startswith(b"BM"):
+        return "pil"
+    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
+        return "nifti"
+    if head.startswith(b"\x1f\x8b"):
+        # gzip: a .nii.gz or an .inv3 (gzipped tar)
+        import gzip
+
+        try:
+            with gzip.open(path, "rb") as g:
+                inner = g.read(512)
+        except (OSError, EOFError):
+            return "unknown"
+        if len(inner) >= 348 and inner[344:348] in (b"n+1\x00", b"ni1\x00"):
+            return "nifti"
+        if len(inner) >= 262 and inner[257:262] == b"ustar":
+            return "inv3"
+        return "unknown"
+    from engine.data.dicom import looks_like_dicom_without_preamble
+
+    if looks_like_dicom_without_preamble(head):
+        return "dicom"
+    return "unknown"
+
+
+def load_scan(path, *, series: Optional[str] = None, max_voxels: Optional[int] = None) -> Scan:
+    """Load a scan file or DICOM series folder as a :class:`Scan`.
+
+    ``series`` picks one SeriesInstanceUID (or SeriesNumber) in a DICOM folder
+    holding several series. ``max_voxels`` overrides :data:`MAX_VOXELS`.
+    Raises :class:`ScanError` for anything that cannot be read as asked.
+    """
+    if path is None or str(path) == "":
+        raise ScanError("no scan path given")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ScanError(f"{p}: no such file or folder")
+    if max_voxels is None:
+        max_voxels = MAX_VOXELS
+    try:
+        scan = _dispatch(p, series, max_voxels)
+    except ScanError as exc:
+        text = str(exc)
+        if "\n" in text:  # keep the promise of one-line messages
+            raise ScanError(" ".join(text.split())) from None
+        raise
+    except MemoryError:
+        raise ScanError(f"{display_name(p)}: not enough memory to load this scan") from None
+    except Exception as exc:  # a reader bug or an exotic library failure: still one line
+        text = " ".join(str(exc).split())[:300]
+        raise ScanError(f"{display_name(p)}: cannot be read ({type(exc).__name__}: {text})") from None
+    if scan.kind == "image" and scan.images is not None:
+        flat = scan.images.reshape(scan.images.shape[0], -1)
+        constant = int(np.count_nonzero(flat.max(axis=1) == flat.min(axis=1)))
+        if constant:
+            scan.metadata["ConstantSlices"] = f"{constant} of {flat.shape[0]}"
+    return scan
+
+
+def _dispatch(p: Path, series, max_voxels) -> Scan:
+    if p.is_dir():
+        from engine.data import dicom
+
+        return dicom.read_dicom_folder(p, series=series, max_voxels=max_voxels)
+    if not p.is_file():
+        raise ScanError(f"{p}: not a regular file")
+
+    suffix = _suffix(p)
+    if suffix in _DICOM_SUFFIXES:
+        fmt = "dicom"
+    elif suffix in _HDF5_SUFFIXES:
+        fmt = "hdf5"
+    elif suffix == ".npy":
+        fmt = "npy"
+    elif suffix == ".npz":
+        fmt = "npz"
+    elif suffix in _PIL_SUFFIXES:
+        fmt = "pil"
+    elif suffix in _NIFTI_SUFFIXES:
+        fmt = "nifti"
+    elif suffix in _INV3_SUFFIXES:
+        fmt = "inv3"
+    else:
+        fmt = _sniff(p)
+
+    if fmt == "dicom":
+        from engine.data import dicom
+
+        return dicom.read_dicom_file(p, max_voxels=max_voxels)
+    if fmt == "hdf5":
+        from engine.data import hdf5
+
+        return hdf5.read_hdf5(p, max_voxels=max_voxels)
+    from engine.data import volumes
+
+    readers = {"npy": volumes.read_npy, "npz": volumes.read_npz, "pil": volumes.read_pil,
+               "nifti": volumes.read_nifti, "inv3": volumes.read_inv3}
+    if fmt in readers:
+        return readers[fmt](p, max_voxels=max_voxels)
+    known = ", ".join(SUPPORTED_SUFFIXES)
+    raise ScanError(f"{display_name(p)}: unrecognised file format (supported: {known}, or a DICOM folder)")

@@ -1,0 +1,419 @@
+"""Readers for array and volume files: NumPy, PNG/TIFF (Pillow), NIfTI and InVesalius ``.inv3``.
+
+All of them check the array size from the header before reading pixel data,
+never unpickle anything (``allow_pickle=False``; plists via :mod:`plistlib`),
+and return an image :class:`~engine.data.scans.Scan` (NumPy files holding
+complex data give a k-space Scan).
+
+InVesalius ``.inv3`` layout (found in the real ``Cranium.inv3``)
+    A gzipped tar with one folder holding ``main.plist`` (XML plist) plus
+    ``matrix.dat`` and mask/surface files. ``main.plist`` has
+    ``matrix = {filename: "matrix.dat", dtype: "int16", shape: [slices, rows, cols]}``,
+    ``spacing = [x, y, z]`` in mm, ``modality`` (e.g. "CT"), ``scalar_range``,
+    ``window_level``/``window_width``, ``name``, ``masks``, ``surfaces``.
+    ``matrix.dat`` is the raw C-order little-endian volume (a NumPy memmap dump,
+    no header) in Hounsfield units for CT. InVesalius displays it through VTK,
+    whose image origin is bottom-left, so rows are flipped here to the usual
+    top-down display orientation (anterior at the top for axial CT).
+
+NIfTI orientation
+    The volume is reoriented to the closest canonical RAS+ orientation and every
+    axial slice (last axis, inferior to superior) is shown in radiological
+    convention: anterior at the top, patient right on the image left — the same
+    way a standard axial DICOM is displayed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import plistlib
+import tarfile
+import warnings
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import numpy as np
+
+from engine.data.scans import (
+    MAX_VOXELS,
+    Scan,
+    as_image_stack,
+    as_kspace,
+    check_finite,
+    check_voxels,
+    display_name,
+    image_scan,
+)
+from engine.errors import ScanError
+
+__all__ = ["read_npy", "read_npz", "read_pil", "read_nifti", "read_inv3"]
+
+_INV3_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "uint32", "float32", "float64")
+
+
+# -- NumPy ----------------------------------------------------------------------------------
+
+
+def _npy_header(fp, source, what):
+    """(shape, fortran_order, dtype) from an .npy stream without reading the data."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(fp)
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(fp)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(fp)
+        else:
+            shape, fortran, dtype = fmt._read_array_header(fp, version)
+    except Exception as exc:
+        raise ScanError(f"{display_name(source)}: {what} is not a valid .npy array ({str(exc)[:160]})") from None
+    if dtype.hasobject:
+        raise ScanError(f"{display_name(source)}: {what} holds Python objects; refusing to unpickle")
+    return tuple(shape), fortran, dtype
+
+
+def _array_scan(arr: np.ndarray, source, fmt: str, extra=None) -> Scan:
+    """A 2-D/3-D real array -> images; complex 2-D/3-D/4-D -> k-space."""
+    if np.iscomplexobj(arr):
+        kspace = as_kspace(arr, source)
+        meta = {"Format": fmt, "Slices": str(kspace.shape[0]), "Coils": str(kspace.shape[1]),
+                "Rows": str(kspace.shape[2]), "Columns": str(kspace.shape[3])}
+        meta.update(extra or {})
+        return Scan(kind="kspace", kspace=kspace, source=str(source), modality="mri",
+                    units="magnitude", metadata=meta)
+    if arr.dtype.kind not in "biuf":
+        raise ScanError(f"{display_name(source)}: array dtype {arr.dtype} is not numeric")
+    scan = image_scan(arr, source, metadata={"Format": fmt, **(extra or {})})
+    return scan
+
+
+def read_npy(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """A ``.npy`` file: real [H,W]/[S,H,W] -> images, complex -> k-space."""
+    path = Path(path)
+    with open(path, "rb") as fp:
+        shape, _, dtype = _npy_header(fp, path, "file")
+        check_voxels(shape, path, max_voxels)
+        need = fp.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if path.stat().st_size < need:
+        raise ScanError(f"{display_name(path)}: file is truncated ({path.stat().st_size:,} of {need:,} bytes)")
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise ScanError(f"{display_name(path)}: cannot read .npy array ({str(exc)[:160]})") from None
+    return _array_scan(arr, path, "NumPy .npy")
+
+
+def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """A ``.npz`` archive.
+
+    Recognised keys: ``kspace`` (+ ``mask``, ``reference``), ``sinogram`` (+ ``angles``
+    in degrees), ``images``/``image``/``data``; otherwise a single array is used.
+    """
+    path = Path(path)
+    name = display_name(path)
+    try:
+        zf = zipfile.ZipFile(path)
+    except Exception as exc:
+        raise ScanError(f"{name}: not a valid .npz archive ({str(exc)[:160]})") from None
+    headers = {}
+    with zf:
+        try:
+            members = [i for i in zf.infolist() if i.filename.endswith(".npy")]
+            for info in members:
+                with zf.open(info) as fp:
+                    shape, _, dtype = _npy_header(fp, path, f"array '{info.filename[:-4]}'")
+                check_voxels(shape, path, max_voxels, what=f"array '{info.filename[:-4]}'")
+                headers[info.filename[:-4]] = (shape, dtype)
+        except ScanError:
+            raise
+        except Exception as exc:
+            raise ScanError(f"{name}: corrupt .npz archive ({type(exc).__name__}: {str(exc)[:160]})") from None
+    keys = sorted(headers)
+    if not keys:
+        raise ScanError(f"{name}: the .npz archive holds no arrays")
+
+    def load(key):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                return np.asarray(npz[key])
+        except ScanError:
+            raise
+        except Exception as exc:
+            raise ScanError(f"{name}: cannot read array '{key}' ({type(exc).__name__}: {str(exc)[:160]})") from None
+
+    if "kspace" in headers:
+        scan = _array_scan(load("kspace"), path, "NumPy .npz")
+        if scan.kind != "kspace":
+            raise ScanError(f"{name}: array 'kspace' is real; expected complex k-space")
+        if "mask" in headers:
+            mask = load("mask").astype(np.float32)
+            h, w = scan.kspace.shape[-2:]
+            if not ((mask.ndim == 1 and mask.shape[0] == w) or (mask.ndim == 2 and mask.shape == (h, w))):
+                raise ScanError(f"{name}: mask of shape {mask.shape} does not fit k-space slices {h} x {w}")
+            scan.mask = mask
+        if "reference" in headers:
+            scan.reference = as_image_stack(load("reference"), path, "reference")
+        return scan
+    if "sinogram" in headers:
+        sino = load("sinogram")
+        if np.iscomplexobj(sino) or sino.ndim not in (2, 3):
+            raise ScanError(f"{name}: 'sinogram' has shape {sino.shape}; expected real [slices, views, detectors]")
+        sino = as_image_stack(sino, path, "sinogram")
+        views = sino.shape[1]
+        meta = {"Format": "NumPy .npz (sinogram)", "Slices": str(sino.shape[0]), "Views": str(views),
+                "Detectors": str(sino.shape[2])}
+        if "angles" in headers:
+            angles = load("angles").astype(np.float64).reshape(-1)
+            if angles.shape[0] != views or not np.isfinite(angles).all():
+                raise ScanError(f"{name}: 'angles' must hold {views} finite values (got {angles.shape[0]})")
+        else:
+            angles = np.linspace(0.0, 180.0, views, endpoint=False)
+            meta["AnglesAssumed"] = "uniform 0-180 degrees"
+        return Scan(kind="sinogram", sinogram=sino, angles=angles, modality="ct", source=str(path), metadata=meta)
+    for key in ("images", "image", "data"):
+        if key in headers:
+            return _array_scan(load(key), path, "NumPy .npz", {"Array": key})
+    if len(keys) == 1:
+        return _array_scan(load(keys[0]), path, "NumPy .npz", {"Array": keys[0]})
+    raise ScanError(
+        f"{name}: cannot tell which array to load; found keys [{', '.join(keys)}]; expected 'images', "
+        "'image', 'data', 'kspace' (+ 'mask') or 'sinogram' (+ 'angles'), or a single array"
+    )
+
+
+# -- Pillow ---------------------------------------------------------------------------------
+
+
+def _pil_frame(img, source) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(img).astype(np.uint16)
+    elif mode in ("I", "F", "L"):
+        arr = np.asarray(img)
+    elif mode in ("1", "P", "PA", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+        if mode in ("RGB", "RGBA", "RGBX"):
+            rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
+            arr = rgb @ np.array([0.299, 0.587, 0.114])
+        else:
+            arr = np.asarray(img.convert("L"))
+    else:
+        raise ScanError(f"{display_name(source)}: unsupported image mode {mode!r}")
+    if arr.ndim != 2:
+        raise ScanError(f"{display_name(source)}: unexpected image shape {arr.shape}")
+    return arr
+
+
+def read_pil(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """PNG / TIFF / JPEG / BMP as grayscale images (16-bit kept); multi-page TIFF -> slices."""
+    from PIL import Image
+
+    path = Path(path)
+    name = display_name(path)
+    with warnings.catch_warnings():  # Pillow warns on odd EXIF/metadata; errors still raise
+        warnings.simplefilter("ignore")
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError:
+            raise ScanError(f"{name}: image is too large (Pillow decompression-bomb guard)") from None
+        except Exception as exc:
+            raise ScanError(f"{name}: not a readable image ({type(exc).__name__}: {str(exc)[:160]})") from None
+        frames = []
+        try:
+            with img:
+                n = int(getattr(img, "n_frames", 1) or 1)
+                w, h = img.size
+                check_voxels((n, h, w), path, max_voxels, what="image")
+                for i in range(n):
+                    img.seek(i)
+                    img.load()
+                    frame = _pil_frame(img, path)
+                    if frames and frame.shape != frames[0].shape:
+                        raise ScanError(f"{name}: page {i} is {frame.shape} but page 0 is {frames[0].shape}")
+                    frames.append(frame)
+                fmt, mode = img.format or "image", img.mode
+        except ScanError:
+            raise
+        except Exception as exc:
+            raise ScanError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {str(exc)[:160]})") from None
+    stack = np.stack(frames, 0)
+    return image_scan(stack, path, metadata={"Format": fmt, "Mode": mode, "BitDepth": str(stack.dtype)})
+
+
+# -- NIfTI ----------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """nibabel logs header fix-ups of odd files to stderr; keep the console clean while reading."""
+    logger = logging.getLogger("nibabel")
+    old = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
+
+
+def read_nifti(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """NIfTI-1/2 (``.nii`` / ``.nii.gz``) via nibabel; axial slices in radiological display."""
+    path = Path(path)
+    name = display_name(path)
+    try:
+        import nibabel as nib
+    except ImportError:
+        raise ScanError(f"{name}: reading NIfTI needs nibabel (pip install nibabel)") from None
+    try:
+        with warnings.catch_warnings(), _quiet_nibabel():
+            warnings.simplefilter("ignore")
+            img = nib.load(str(path))
+            shape = tuple(int(s) for s in img.shape)
+    except Exception as exc:
+        raise ScanError(f"{name}: not a readable NIfTI file ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if len(shape) < 2 or len(shape) > 5:
+        raise ScanError(f"{name}: NIfTI image has {len(shape)} dimensions; expected 2 to 4")
+    extra = {}
+    if len(shape) >= 4:
+        if any(s > 1 for s in shape[4:]):
+            raise ScanError(f"{name}: NIfTI image of shape {shape} has more than 4 dimensions")
+        if shape[3] > 1:
+            extra["Volumes"] = f"{shape[3]} (first one loaded)"
+    check_voxels(shape[:3], path, max_voxels, what="NIfTI volume")
+    try:
+        with warnings.catch_warnings(), _quiet_nibabel():
+            warnings.simplefilter("ignore")
+            if len(shape) == 2:
+                data = np.asarray(img.dataobj)[:, :, None]
+            elif len(shape) == 3:
+                data = np.asarray(img.dataobj)
+            else:  # first volume only; ArrayProxy slicing reads just that part
+                data = np.asarray(img.dataobj[(slice(None),) * 3 + (0,) * (len(shape) - 3)])
+            # reorder/flip the array axes to RAS+ (what as_closest_canonical does)
+            ornt = nib.orientations.io_orientation(img.affine)
+            data = nib.orientations.apply_orientation(data, ornt)
+            raw_zooms = [float(z) for z in img.header.get_zooms()[:3]] + [1.0] * max(0, 3 - len(shape))
+            zooms = [1.0, 1.0, 1.0]
+            for i in range(3):
+                zooms[int(ornt[i, 0])] = raw_zooms[i]
+            descrip = img.header.get("descrip")
+    except ScanError:
+        raise
+    except Exception as exc:
+        raise ScanError(f"{name}: corrupt NIfTI data ({type(exc).__name__}: {str(exc)[:160]})") from None
+    if np.iscomplexobj(data):
+        data = np.abs(data)
+        extra["Complex"] = "magnitude taken"
+    if data.dtype.kind not in "biuf":
+        raise ScanError(f"{name}: NIfTI data type {data.dtype} is not supported")
+    # RAS+ [x, y, z] -> slices [z, rows = y descending (anterior top), cols = x descending (patient right left)]
+    vol = np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)), dtype=np.float32)
+    check_finite(vol, path)
+    vmin, vmax = float(vol.min()), float(vol.max())
+    if vmin < -500.0 and vmax > 0.0:
+        modality, units = "ct", "HU"
+        extra["ModalityGuess"] = "CT (values below -500 look like Hounsfield units)"
+    else:
+        modality, units = "unknown", "arbitrary"
+    if descrip is not None:
+        text = descrip.tobytes().decode("latin-1", errors="replace").strip("\x00 ") if hasattr(descrip, "tobytes") else str(descrip)
+        if text:
+            extra["Description"] = text[:80]
+    return image_scan(vol, path, modality=modality, units=units, spacing=(zooms[1], zooms[0]),
+                      metadata={"Format": "NIfTI", "VoxelSize": "x".join(f"{z:g}" for z in zooms), **extra})
+
+
+# -- InVesalius -----------------------------------------------------------------------------
+
+
+def read_inv3(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+    """An InVesalius 3 project (``.inv3``): the image volume from ``main.plist`` + raw matrix."""
+    path = Path(path)
+    name = display_name(path)
+    try:
+        tar = tarfile.open(path, "r:*")
+    except Exception as exc:
+        raise ScanError(f"{name}: not an InVesalius project (not a tar archive: {str(exc)[:120]})") from None
+    with tar:
+        try:
+            members = {PurePosixPath(m.name).name: m for m in tar.getmembers() if m.isfile()}
+        except Exception as exc:
+            raise ScanError(f"{name}: corrupt InVesalius project ({type(exc).__name__}: {str(exc)[:160]})") from None
+        plists = sorted((n for n in members if n.endswith(".plist")), key=len)
+        main_name = "main.plist" if "main.plist" in members else (plists[0] if plists else None)
+        if main_name is None:
+            raise ScanError(f"{name}: not an InVesalius project (no main.plist; files: {', '.join(sorted(members)[:10])})")
+
+        def read_member(member_name, limit):
+            m = members[member_name]
+            if m.size > limit:
+                raise ScanError(f"{name}: '{member_name}' is {m.size:,} bytes, more than expected ({limit:,})")
+            try:
+                fp = tar.extractfile(m)
+                data = fp.read() if fp is not None else b""
+            except Exception as exc:
+                raise ScanError(f"{name}: corrupt InVesalius project ({type(exc).__name__}: {str(exc)[:160]})") from None
+            if len(data) != m.size:
+                raise ScanError(f"{name}: '{member_name}' is truncated")
+            return data
+
+        try:
+            main = plistlib.loads(read_member(main_name, 16 * 2**20))
+        except ScanError:
+            raise
+        except Exception as exc:
+            raise ScanError(f"{name}: {main_name} is not a valid plist ({type(exc).__name__}: {str(exc)[:120]})") from None
+        if not isinstance(main, dict) or not isinstance(main.get("matrix"), dict):
+            raise ScanError(f"{name}: {main_name} has no 'matrix' entry describing the volume")
+        matrix = main["matrix"]
+        fname = PurePosixPath(str(matrix.get("filename", ""))).name
+        dtype_name = str(matrix.get("dtype", ""))
+        shape = matrix.get("shape")
+        if dtype_name not in _INV3_DTYPES:
+            raise ScanError(f"{name}: unsupported volume dtype {dtype_name!r} (expected one of {', '.join(_INV3_DTYPES)})")
+        if (not isinstance(shape, (list, tuple)) or len(shape) not in (2, 3)
+                or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+            raise ScanError(f"{name}: invalid volume shape {shape!r} in {main_name}")
+        shape = tuple(shape) if len(shape) == 3 else (1,) + tuple(shape)
+        check_voxels(shape, path, max_voxels, what="InVesalius volume")
+        if fname not in members:
+            raise ScanError(f"{name}: volume file {fname!r} named in {main_name} is missing")
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if fname.endswith(".npy"):
+            raw = read_member(fname, nbytes + 65536)
+            buf = io.BytesIO(raw)
+            vshape, _, vdtype = _npy_header(buf, path, fname)
+            if tuple(vshape) != shape:
+                raise ScanError(f"{name}: {fname} has shape {vshape} but {main_name} says {shape}")
+            try:
+                vol = np.load(io.BytesIO(raw), allow_pickle=False)
+            except Exception as exc:
+                raise ScanError(f"{name}: cannot read {fname} ({str(exc)[:120]})") from None
+        else:
+            if members[fname].size != nbytes:
+                raise ScanError(
+                    f"{name}: {fname} holds {members[fname].size:,} bytes but shape {shape} of {dtype_name} "
+                    f"needs {nbytes:,}"
+                )
+            vol = np.frombuffer(read_member(fname, nbytes), dtype=dtype).reshape(shape)
+    vol = vol[:, ::-1, :]  # VTK bottom-left origin -> top-down display rows
+    modality_tag = str(main.get("modality", "")).upper()
+    modality, units = ("ct", "HU") if modality_tag == "CT" else (("mri", "magnitude") if modality_tag in ("MR", "MRI") else ("unknown", "arbitrary"))
+    spacing = None
+    sp = main.get("spacing")
+    if isinstance(sp, (list, tuple)) and len(sp) >= 2:
+        try:
+            spacing = (float(sp[1]), float(sp[0]))
+        except (TypeError, ValueError):
+            spacing = None
+    meta = {"Format": "InVesalius project", "Modality": modality_tag or "unknown"}
+    for key, label in (("name", "SeriesDescription"), ("date", "Date"), ("invesalius_version", "InVesaliusVersion"),
+                       ("scalar_range", "ScalarRange"), ("window_level", "WindowCenter"),
+                       ("window_width", "WindowWidth"), ("orientation", "Orientation"), ("spacing", "Spacing")):
+        if key in main:
+            value = main[key]
+            meta[label] = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+    if isinstance(main.get("masks"), dict):
+        meta["Masks"] = str(len(main["masks"]))
+    return image_scan(vol, path, modality=modality, units=units, spacing=spacing, metadata=meta)
