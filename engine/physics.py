@@ -49,6 +49,9 @@ def sampling_mask(cfg: PhysicsConfig, device="cpu") -> torch.Tensor:
     return gen.step(batch_size=1)["mask"].to(device)
 
 
+_CT_NORMS: dict = {}
+
+
 def build_physics(cfg: PhysicsConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                   rng: Optional[torch.Generator] = None, mask: Optional[torch.Tensor] = None):
     """A deepinv physics for the config, on ``device`` in ``dtype``.
@@ -60,16 +63,19 @@ def build_physics(cfg: PhysicsConfig, device: str | torch.device = "cpu", dtype:
         # analytic back-projection is only approximately adjoint, and a custom
         # autograd Function then makes autograd's dA/dx disagree with A itself,
         # which finite differences expose (and implicit gradients inherit).
-        # deepinv normalises with a float32 probe, so in other dtypes we build
-        # unnormalised and normalise with the same power iteration ourselves.
+        # We normalise ourselves: deepinv's own normalisation probes in float32
+        # only and gives a slightly different norm on every construction, which
+        # breaks bit-exact resume; ours is a fixed power iteration, cached.
         physics = dinv.physics.Tomography(
-            angles=cfg.views, img_width=cfg.img_size, circle=cfg.circle, normalize=dtype == torch.float32,
+            angles=cfg.views, img_width=cfg.img_size, circle=cfg.circle, normalize=False,
             adjoint_via_backprop=True, device=device, dtype=dtype)
-        if dtype != torch.float32:
-            norm = operator_norm(physics, (1, 1, cfg.img_size, cfg.img_size), device=device, dtype=dtype, iters=100)
-            physics.register_buffer("operator_norm", torch.tensor(norm, dtype=dtype, device=device))
-            physics.normalize = True
-            physics._auto_grad_adjoint_fn = None
+        key = (cfg.views, cfg.img_size, cfg.circle, str(dtype), str(device))
+        if key not in _CT_NORMS:
+            _CT_NORMS[key] = operator_norm(physics, (1, 1, cfg.img_size, cfg.img_size), device=device, dtype=dtype,
+                                           iters=50)
+        physics.register_buffer("operator_norm", torch.tensor(_CT_NORMS[key], dtype=dtype, device=device))
+        physics.normalize = True
+        physics._auto_grad_adjoint_fn = None
     else:
         if mask is None:
             mask = sampling_mask(cfg, device)

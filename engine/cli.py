@@ -1,0 +1,324 @@
+"""``equideq``: the headless command line, on the same engine as the workbench.
+
+    equideq train --config FILE --out RUN_DIR [--resume CKPT] [--set KEY=VALUE ...]
+    equideq evaluate --checkpoint CKPT --data PATH [--json]
+    equideq reconstruct --checkpoint CKPT --input SCAN --output FILE
+    equideq demo [--out RUN_DIR]
+    equideq check-gradients [--json]
+    equideq pretrain --config FILE --output WEIGHTS [--steps N]
+    equideq configs
+
+Every user-caused failure (bad file, bad config, mismatched checkpoint,
+diverged run) ends with one line ``error: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Optional, Sequence
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _err(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _parse_value(text: str):
+    import tomllib
+
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except Exception:
+        return text
+
+
+def _config_with_overrides(path: Optional[str], overrides: Sequence[str]):
+    from engine.config import builtin_config, load_config
+    from engine.errors import ConfigError
+
+    if path is None:
+        config = builtin_config("ct_phantom_quick")
+    elif Path(path).suffix == "" and not Path(path).exists():
+        config = builtin_config(path)
+    else:
+        config = load_config(path)
+    changes = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. solver.tol=1e-5), got '{item}'")
+        changes[key.strip()] = _parse_value(value.strip())
+    return config.replace(**changes) if changes else config
+
+
+class _ProgressPrinter:
+    """Turns engine events into a tqdm bar and log lines."""
+
+    def __init__(self, total: int, start: int = 0, quiet: bool = False):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=start, unit="step", disable=quiet, dynamic_ncols=True)
+        self.quiet = quiet
+        self.failure: Optional[str] = None
+
+    def __call__(self, event) -> None:
+        from engine import events as ev
+
+        if isinstance(event, ev.StepFinished):
+            self.bar.update(event.step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in event.losses.items()})
+        elif isinstance(event, ev.ValidationFinished):
+            self.bar.write(f"step {event.step}: PSNR {event.psnr:.2f} dB (baseline {event.baseline_psnr:.2f}), "
+                           f"SSIM {event.ssim:.3f}, equivariance error {event.equivariance_error:.2e}")
+        elif isinstance(event, ev.LogMessage):
+            if not self.quiet or event.level != "info":
+                self.bar.write(f"{event.level}: {event.message}")
+        elif isinstance(event, ev.CheckpointSaved):
+            if not self.quiet:
+                self.bar.write(f"checkpoint: {event.path}")
+        elif isinstance(event, ev.RunFailed):
+            self.failure = event.message
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _install_stop_handlers(control) -> None:
+    """Ctrl-C / SIGTERM stop the run after the current step (a checkpoint is written)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):
+        if control.stopped:
+            raise KeyboardInterrupt
+        print("\nstopping after this step (again to abort)...", file=sys.stderr)
+        control.stop()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_train(args) -> int:
+    from engine.events import Observers, RunControl
+    from engine.trainer import Trainer
+
+    config = _config_with_overrides(args.config, args.set)
+    control = RunControl()
+    observers = Observers()
+    printer = _ProgressPrinter(config.optim.steps, quiet=args.quiet)
+    observers.add(printer)
+    trainer = Trainer(config, run_dir=args.out, observers=observers, control=control, resume_from=args.resume)
+    printer.bar.n = trainer.step
+    _install_stop_handlers(control)
+    try:
+        reason = trainer.run()
+    finally:
+        printer.close()
+    if reason == "failed":
+        _err(printer.failure or "training failed")
+        return EXIT_USER_ERROR
+    print(f"{reason} at step {trainer.step}; run directory: {args.out}")
+    if trainer.last_validation:
+        v = trainer.last_validation
+        print(f"validation PSNR {v['psnr']:.2f} dB (baseline {v['baseline_psnr']:.2f} dB), SSIM {v['ssim']:.3f}")
+    return 0 if reason == "completed" else EXIT_INTERRUPTED
+
+
+def _scan_images(path: str, size: int, window=None):
+    from engine.data import load_scan, prepare_slices
+    from engine.errors import ScanError
+
+    target = Path(path)
+    if target.is_dir() and not any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in target.iterdir()):
+        stacks, scans = [], []
+        for item in sorted(target.iterdir()):
+            if item.is_file():
+                scan = load_scan(item)
+                stacks.append(prepare_slices(scan, size, window=window))
+                scans.append(scan)
+        if not stacks:
+            raise ScanError(f"{path}: no scan files found")
+        import numpy as np
+
+        return np.concatenate(stacks), scans[0]
+    scan = load_scan(target)
+    return prepare_slices(scan, size, window=window), scan
+
+
+def cmd_evaluate(args) -> int:
+    from engine.inference import load_model
+
+    loaded = load_model(args.checkpoint)
+    images, _ = _scan_images(args.data, loaded.size, window=list(loaded.config.data.window) or None)
+    result = loaded.evaluate(images, seed=args.seed)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    m, b = result["model"], result["baseline"]
+    print(f"{result['images']} image(s) from {args.data}")
+    print(f"{'':12s} {'PSNR (dB)':>10s} {'SSIM':>8s}")
+    print(f"{'DEQ':12s} {m['psnr']:10.2f} {m['ssim']:8.4f}")
+    print(f"{b['method']:12s} {b['psnr']:10.2f} {b['ssim']:8.4f}")
+    print(f"equivariance error: reconstructor {result['equivariance_error']:.3e}, "
+          f"operator at fixed point {result['operator_equivariance_error']:.3e}")
+    return 0
+
+
+def cmd_reconstruct(args) -> int:
+    from engine.export import export_image
+    from engine.inference import load_model
+
+    loaded = load_model(args.checkpoint)
+    images, scan = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None)
+    index = args.slice if args.slice is not None else images.shape[0] // 2
+    if not 0 <= index < images.shape[0]:
+        from engine.errors import ScanError
+
+        raise ScanError(f"--slice {index} is outside 0..{images.shape[0] - 1}")
+    result = loaded.reconstruct(images[index:index + 1])
+    export_image(result["reconstruction"][0], args.output, window=(0.0, 1.0), source_scan=scan,
+                 description=f"EquiDEQ DEQ reconstruction ({loaded.config.deq.gradient})",
+                 checkpoint_name=Path(args.checkpoint).name)
+    print(f"slice {index}: PSNR {float(result['psnr'][0]):.2f} dB "
+          f"(baseline {float(result['baseline_psnr'][0]):.2f} dB) -> {args.output}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    import tempfile
+
+    from engine.data import pydicom_test_file
+
+    out = args.out or tempfile.mkdtemp(prefix="equideq-demo-")
+    ns = argparse.Namespace(config=None, set=[f"optim.steps={args.steps}"], out=out, resume=None, quiet=False)
+    code = cmd_train(ns)
+    if code != 0:
+        return code
+    real = pydicom_test_file("CT_small.dcm")
+    if real is not None:
+        print(f"\nevaluating on a real CT slice it never saw: {real}")
+        return cmd_evaluate(argparse.Namespace(checkpoint=str(Path(out) / "last.pt"), data=str(real), json=False,
+                                               seed=0))
+    return 0
+
+
+def cmd_check_gradients(args) -> int:
+    from engine.gradcheck import check_gradients
+
+    report = check_gradients(size=args.size, views=args.views)
+    if args.json:
+        print(json.dumps(report.to_dict()))
+    else:
+        print(f"float64 CT {report.image_size}x{report.image_size}, {report.views} views, EI + MC loss; "
+              f"reference: unrolled autograd ({report.unrolled_iterations} iterations)")
+        print(f"  implicit (adjoint fixed point, {report.backward_iterations} it)  rel. error "
+              f"{report.implicit_rel_error:.3e}")
+        print(f"  JFB (Jacobian-free)                        rel. error {report.jfb_rel_error:.3e}")
+        print(f"  finite difference vs implicit directional  rel. error "
+              f"{report.finite_difference_rel_error:.3e}")
+    ok = report.implicit_rel_error < 1e-6
+    if not ok:
+        _err(f"implicit gradient disagrees with unrolled autograd ({report.implicit_rel_error:.2e} >= 1e-6)")
+    return 0 if ok else 1
+
+
+def cmd_pretrain(args) -> int:
+    from engine.physics import image_channels
+    from engine.pretrain import main_pretrain
+
+    config = _config_with_overrides(args.config, args.set)
+    main_pretrain(config.model, image_channels(config.physics), Path(args.output), steps=args.steps,
+                  size=args.size, seed=args.seed)
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from engine.config import default_config_dir, describe_fields
+
+    print("built-in configs:", ", ".join(sorted(p.stem for p in default_config_dir().glob("*.toml"))))
+    if args.keys:
+        for key, default, doc in describe_fields():
+            print(f"  {key:32s} {default!r:14s} {doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="equideq", description="EquiDEQ: self-supervised DEQ reconstruction "
+                                     "for sparse-view CT and accelerated MRI.")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: cores - 1)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a DEQ from a config")
+    p.add_argument("--config", help="TOML/YAML config file or built-in name (default ct_phantom_quick)")
+    p.add_argument("--out", required=True, help="run directory (config, metrics.jsonl, checkpoints)")
+    p.add_argument("--resume", help="checkpoint to continue from")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="PSNR/SSIM and equivariance error on scans (taken as ground truth)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True, help="scan file or folder of scans")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated measurement noise")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("reconstruct", help="reconstruct a scan slice and write it (.npy/.png/.h5/.dcm)")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.add_argument("--slice", type=int, help="slice index (default: the middle one)")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("demo", help="a short self-supervised CT run on phantoms, evaluated on a real CT slice")
+    p.add_argument("--out", help="run directory (default: a temporary one)")
+    p.add_argument("--steps", type=int, default=40)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("check-gradients", help="implicit and JFB gradients vs unrolled autograd (float64)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--size", type=int, default=16)
+    p.add_argument("--views", type=int, default=10)
+    p.set_defaults(func=cmd_check_gradients)
+
+    p = sub.add_parser("pretrain", help="pre-train the config's denoiser as a Gaussian denoiser on phantoms")
+    p.add_argument("--config", help="config file or built-in name (its model and modality are used)")
+    p.add_argument("--output", required=True, help="weights file (.pt or .safetensors)")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("configs", help="list built-in configs (and every key with --keys)")
+    p.add_argument("--keys", action="store_true")
+    p.set_defaults(func=cmd_configs)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from engine.errors import EquiDEQError
+
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads or max(1, (__import__("os").cpu_count() or 2) - 1))
+        return args.func(args)
+    except EquiDEQError as exc:
+        _err(str(exc))
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,369 @@
+"""The training loop: self-supervised (EI / MC) or supervised DEQ training with live events.
+
+Measurements are simulated once, ``y = A x + n`` with a fixed noise draw, and
+the self-supervised objectives see **only** ``y``: the ground truth images are
+kept in a separate store that only the supervised loss and validation read
+(``tests/test_trainer.py`` proves training never touches them).
+
+Each step ``k`` is a pure function of ``(seed, k)`` and the state (the batch
+indices, the EI transform and the EI noise are drawn after seeding with
+``seed_for_step``), so a run resumed from a checkpoint continues exactly as
+the uninterrupted run would have.
+
+A step whose forward or backward solve diverged or went non-finite, or whose
+loss or gradient is non-finite, is not applied: the parameters stay as they
+were, the reason is reported, and after ``MAX_FAILED_STEPS`` failures in a row
+the run stops with the last good checkpoint kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from engine import __version__
+from engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from engine.config import ExperimentConfig, save_config
+from engine.data import load_training_images
+from engine.errors import EquiDEQError
+from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
+                           RunStarted, Snapshot, StepFinished, ValidationFinished)
+from engine.losses import TrainingLoss
+from engine.metrics import equivariance_error, psnr, ssim
+from engine.model import build_model, resolve_device
+from engine.physics import baseline, build_physics, describe, to_display, to_model_space
+from engine.solvers import SolveStats
+
+MAX_FAILED_STEPS = 3
+SIMULATION_CHUNK = 16
+
+
+def seed_for_step(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step * 7919 + 12345) % (2 ** 63 - 1)
+
+
+def configure_threads(requested: int) -> int:
+    """Torch threads for the engine: ``cores - 1`` (at least 1) unless set, leaving a core to the GUI."""
+    threads = requested or max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def measurement_image(y: torch.Tensor, modality: str) -> np.ndarray:
+    """A 2D display array of one measurement: the sinogram, or k-space log-magnitude."""
+    if modality == "ct":
+        return y[0, 0].detach().float().cpu().numpy()
+    magnitude = torch.sqrt(y[0, 0] ** 2 + y[0, 1] ** 2)
+    return torch.log1p(magnitude / magnitude.max().clamp_min(1e-12) * 1e3).float().cpu().numpy()
+
+
+class GroundTruthLocked(RuntimeError):
+    """Raised when anything reads training ground truth in a self-supervised run."""
+
+
+class TrainingSet:
+    """Training measurements, with the ground truth locked unless the objective is supervised."""
+
+    def __init__(self, measurements: torch.Tensor, ground_truth: Optional[torch.Tensor], unlocked: bool):
+        self.measurements = measurements
+        self._ground_truth = ground_truth
+        self._unlocked = unlocked
+
+    def __len__(self) -> int:
+        return len(self.measurements)
+
+    @property
+    def ground_truth(self) -> torch.Tensor:
+        if not self._unlocked or self._ground_truth is None:
+            raise GroundTruthLocked("training ground truth is not available to a self-supervised objective")
+        return self._ground_truth
+
+
+class StepFailed(Exception):
+    """A step that must not be applied (divergence, non-finite values)."""
+
+
+class Trainer:
+    """Train a DEQ from a config; ``run()`` in any thread, events to ``observers``."""
+
+    def __init__(self, config: ExperimentConfig, run_dir: Optional[str | Path] = None,
+                 observers: Optional[Observers] = None, control: Optional[RunControl] = None,
+                 resume_from: Optional[str | Path] = None, device: Optional[str] = None):
+        self.config = config.validate()
+        self.observers = observers if observers is not None else Observers()
+        self.control = control if control is not None else RunControl()
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.device = torch.device(device) if device else resolve_device(config.run.device)
+        self.threads = configure_threads(config.run.threads)
+        cfg = self.config
+        self.modality = cfg.physics.modality
+
+        train_images, val_images = load_training_images(cfg.data, cfg.physics)
+        noise_rng = torch.Generator(device=self.device).manual_seed(cfg.data.seed + 99)
+        self.physics = build_physics(cfg.physics, self.device, rng=noise_rng)
+        train_y = self._simulate(train_images)
+        self.val_x = to_model_space(torch.from_numpy(val_images)[:, None], self.modality).to(self.device)
+        self.val_y = self._simulate(val_images)
+        # Ground truth of the training set is readable only by the supervised objective.
+        supervised = cfg.loss.mode == "supervised"
+        self.train_set = TrainingSet(
+            train_y,
+            to_model_space(torch.from_numpy(train_images)[:, None], self.modality).to(self.device) if supervised else None,
+            unlocked=supervised)
+        # From here on the noise of EI's A T_g x comes from the global, per-step seeded RNG.
+        self.physics.noise_model.rng = None
+
+        self.model = build_model(cfg, self.device, control=self.control)
+        self.model.on_solve = self._on_solve
+        self.loss = TrainingLoss(cfg.loss)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        self.scheduler = self._make_scheduler()
+        self.step = 0
+        self.history: list[dict] = []
+        self.last_validation: dict = {}
+        self._pending_solves: list[tuple[str, SolveStats]] = []
+        self._failed_in_a_row = 0
+        self.last_checkpoint: Optional[Path] = None
+        if resume_from is not None:
+            self.restore(resume_from)
+
+    # -- setup ------------------------------------------------------------------------------
+    def _simulate(self, images: np.ndarray) -> torch.Tensor:
+        x = to_model_space(torch.from_numpy(np.ascontiguousarray(images))[:, None], self.modality).to(self.device)
+        with torch.no_grad():
+            return torch.cat([self.physics(chunk) for chunk in x.split(SIMULATION_CHUNK)])
+
+    def _make_scheduler(self):
+        cfg = self.config.optim
+        if cfg.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=cfg.steps)
+        if cfg.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=max(1, cfg.steps // 3), gamma=0.3)
+        return None
+
+    def _on_solve(self, direction: str, stats: SolveStats) -> None:
+        self._pending_solves.append((direction, stats))
+
+    def _log(self, level: str, message: str) -> None:
+        self.observers.emit(LogMessage(level=level, message=message))
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> str:
+        """Train to ``optim.steps``; returns ``completed``, ``stopped`` or ``failed``."""
+        cfg = self.config
+        total = cfg.optim.steps
+        if self.run_dir is not None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.toml")
+        self.observers.emit(RunStarted(run_dir=str(self.run_dir) if self.run_dir else None, config=cfg.to_dict(),
+                                       device=str(self.device), total_steps=total, start_step=self.step))
+        self._log("info", f"training on {self.device} ({self.threads} threads): {describe(cfg.physics)}, "
+                          f"{len(self.train_set)} training measurements, loss {cfg.loss.mode}, gradient {cfg.deq.gradient}")
+        try:
+            if self.loss.needs_alpha:
+                self._balance_alpha()
+            if self.step == 0:
+                self.validate()
+            while self.step < total:
+                if not self.control.wait_while_paused():
+                    break
+                if self.control.stopped:
+                    break
+                try:
+                    self.train_step()
+                except StepFailed as failure:
+                    self._failed_in_a_row += 1
+                    self._log("error", f"step {self.step + 1} not applied: {failure}")
+                    if self._failed_in_a_row >= MAX_FAILED_STEPS:
+                        kept = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
+                        message = f"stopped after {MAX_FAILED_STEPS} failed steps in a row: {failure}{kept}"
+                        self.observers.emit(RunFailed(message=message, step=self.step))
+                        self.observers.emit(RunFinished(reason="failed", step=self.step, run_dir=self._run_dir_str()))
+                        return "failed"
+                    continue
+                if self.control.stopped:
+                    break
+                if self.step % cfg.run.validate_every == 0 or self.step == total:
+                    self.validate()
+                if cfg.run.checkpoint_every and self.step % cfg.run.checkpoint_every == 0 and self.step < total:
+                    self._checkpoint()
+            reason = "completed" if self.step >= total else "stopped"
+            self._checkpoint()
+            self.observers.emit(RunFinished(reason=reason, step=self.step, run_dir=self._run_dir_str()))
+            return reason
+        except EquiDEQError as exc:
+            self.observers.emit(RunFailed(message=str(exc), step=self.step))
+            self.observers.emit(RunFinished(reason="failed", step=self.step, run_dir=self._run_dir_str()))
+            return "failed"
+
+    def _run_dir_str(self) -> Optional[str]:
+        return str(self.run_dir) if self.run_dir else None
+
+    def _balance_alpha(self) -> None:
+        torch.manual_seed(seed_for_step(self.config.run.seed, -1))
+        self.loss.reseed(seed_for_step(self.config.run.seed, -1))
+        y = self.train_set.measurements[self._batch_indices(0)]
+        self.model.train()
+        alpha = self.loss.balance_alpha(self.model, y, self.physics, self.model.parameters())
+        self._pending_solves.clear()
+        self._log("info", f"EI weight alpha = {alpha:.4g} (auto: balances the EI and MC gradients on the first batch)")
+
+    def _batch_indices(self, step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed_for_step(self.config.data.seed, step))
+        n = len(self.train_set)
+        return torch.randperm(n, generator=generator)[: min(self.config.optim.batch_size, n)].to(self.device)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; raises :class:`StepFailed` (nothing applied) on divergence or NaN."""
+        cfg = self.config
+        started = time.perf_counter()
+        next_step = self.step + 1
+        torch.manual_seed(seed_for_step(cfg.run.seed, next_step))
+        self.loss.reseed(seed_for_step(cfg.run.seed, next_step))
+        idx = self._batch_indices(next_step)
+        y = self.train_set.measurements[idx]
+        x = self.train_set.ground_truth[idx] if self.loss.needs_ground_truth else None
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._pending_solves.clear()
+        try:
+            loss = self.loss(self.model, y, self.physics, x)
+            if not torch.isfinite(loss.total):
+                raise StepFailed(f"loss is not finite ({loss.as_floats()})")
+            loss.total.backward()
+            solves, self._pending_solves = self._pending_solves, []
+            self._emit_solves(solves, next_step)
+            for direction, stats in solves:
+                if stats.failed:
+                    raise StepFailed(f"{direction} solve {', '.join(sorted(set(stats.stop_reasons)))} "
+                                     f"({stats.summary()})")
+            if self.control.stopped:
+                raise StepFailed("stopped by the user during the step")
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
+            if not math.isfinite(grad_norm):
+                raise StepFailed("gradient is not finite")
+        except StepFailed:
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step = next_step
+        self._failed_in_a_row = 0
+        values = loss.as_floats()
+        lr = self.optimizer.param_groups[0]["lr"]
+        record = {"step": self.step, **values, "lr": lr, "grad_norm": grad_norm,
+                  "seconds": time.perf_counter() - started}
+        for direction, stats in solves:
+            record.setdefault(f"{direction}_iterations", 0)
+            record[f"{direction}_iterations"] = max(record[f"{direction}_iterations"], stats.max_iterations_used)
+        self.history.append(record)
+        self._write_metrics(record)
+        self.observers.emit(StepFinished(step=self.step, losses=values, lr=lr, seconds=record["seconds"],
+                                         grad_norm=grad_norm))
+        return values
+
+    def _emit_solves(self, solves, step: int) -> None:
+        if not self.observers.active:
+            return
+        for i, (direction, stats) in enumerate(solves):
+            self.observers.emit(stats.to_event(direction, step=step, tag=f"call {i}"))
+
+    # -- validation, checkpoints ------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> dict:
+        self.model.eval()
+        x_hat = self.model(self.val_y, self.physics)
+        x_base = baseline(self.physics, self.val_y)
+        self._pending_solves.clear()
+        result = {
+            "step": self.step,
+            "psnr": float(psnr(x_hat, self.val_x).mean()),
+            "ssim": float(ssim(x_hat, self.val_x).mean()),
+            "baseline_psnr": float(psnr(x_base, self.val_x).mean()),
+            "baseline_ssim": float(ssim(x_base, self.val_x).mean()),
+        }
+        first = self.val_x[:1]
+        result["equivariance_error"] = equivariance_error(lambda y: self.model(y, self.physics), self.physics,
+                                                          first, angles=[37.0])
+        self._pending_solves.clear()
+        self.last_validation = result
+        self._write_metrics({"validation": result})
+        self.observers.emit(ValidationFinished(**result))
+        if self.observers.active:
+            mask = getattr(self.physics, "mask", None)
+            self.observers.emit(Snapshot(
+                step=self.step,
+                measurement=measurement_image(self.val_y[:1], self.modality),
+                baseline=to_display(x_base[:1])[0, 0].float().cpu().numpy(),
+                reconstruction=to_display(x_hat[:1])[0, 0].float().cpu().numpy(),
+                reference=to_display(first)[0, 0].float().cpu().numpy(),
+                mask=mask[0, 0].float().cpu().numpy() if isinstance(mask, torch.Tensor) else None,
+                modality=self.modality))
+        return result
+
+    def _write_metrics(self, record: dict) -> None:
+        if self.run_dir is None:
+            return
+        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def make_checkpoint(self) -> Checkpoint:
+        rng = {"torch": torch.get_rng_state()}
+        return Checkpoint(
+            model_state={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            config=self.config.to_dict(),
+            step=self.step,
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
+            metrics={"ei_weight": self.loss.alpha if self.loss.alpha is not None else float("nan"),
+                     **{k: v for k, v in self.last_validation.items() if isinstance(v, float)}},
+            rng_state=rng,
+            physics=describe(self.config.physics),
+            software_version=__version__,
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """Save the current state to ``path`` (atomic); returns the path."""
+        path = save_checkpoint(path, self.make_checkpoint())
+        self.observers.emit(CheckpointSaved(step=self.step, path=str(path)))
+        return Path(path)
+
+    def _checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        ext = "safetensors" if self.config.run.checkpoint_format == "safetensors" else "pt"
+        path = self.save_checkpoint(self.run_dir / f"checkpoint_{self.step:06d}.{ext}")
+        # last.<ext> always names the newest complete checkpoint (copied, then renamed: atomic)
+        latest = self.run_dir / f"last.{ext}"
+        tmp = latest.with_name(latest.name + ".tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, latest)
+        self.last_checkpoint = latest
+
+    def restore(self, path: str | Path) -> None:
+        """Continue from a checkpoint: model, optimiser, scheduler, step, alpha."""
+        ckpt = load_checkpoint(path)
+        check_compatible(ckpt, self.config)
+        self.model.load_state_dict(ckpt.model_state)
+        if ckpt.optimizer_state is not None:
+            self.optimizer.load_state_dict(ckpt.optimizer_state)
+        if self.scheduler is not None and ckpt.scheduler_state is not None:
+            self.scheduler.load_state_dict(ckpt.scheduler_state)
+        self.step = int(ckpt.step)
+        alpha = ckpt.metrics.get("ei_weight")
+        if self.loss.mode == "ei" and alpha is not None and math.isfinite(alpha):
+            self.loss.alpha = float(alpha)
+        self.last_checkpoint = Path(path)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Reproduces the shipped pretrained denoisers (Gaussian denoising on procedural phantoms; no third-party data).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+EQ=${EQ:-.venv/bin/equideq}
+$EQ pretrain --config ct_phantom_quick --output resources/weights/resunet_c16_d2_group_sn_in1.pt --steps 1500 --size 64
+$EQ pretrain --config ct_phantom_quick --set physics.modality=mri --output resources/weights/resunet_c16_d2_group_sn_in2.pt --steps 1500 --size 64
