@@ -607,6 +607,9 @@ def _from_content(content: Any, name: str, source: str) -> Checkpoint:
     for key, value in content["model_state"].items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{name}: model_state entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{name}: model weight '{key}' contains NaN or Inf values; the checkpoint is "
+                                  "unusable (was it saved from a diverged run?)")
     _check_type(name, "config", content["config"], (Mapping,), "a table")
     step = content.get("step", 0)
     _check_type(name, "step", step, (int,), "an integer")

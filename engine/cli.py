@@ -9,7 +9,8 @@
     equideq configs
 
 Every user-caused failure (bad file, bad config, mismatched checkpoint,
-diverged run) ends with one line ``error: ...`` on stderr and exit code 2.
+diverged run, a file-system refusal) ends with one line ``error: ...`` on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -75,8 +76,13 @@ class _ProgressPrinter:
             self.bar.update(event.step - self.bar.n)
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in event.losses.items()})
         elif isinstance(event, ev.ValidationFinished):
-            self.bar.write(f"step {event.step}: PSNR {event.psnr:.2f} dB (baseline {event.baseline_psnr:.2f}), "
-                           f"SSIM {event.ssim:.3f}, equivariance error {event.equivariance_error:.2e}")
+            if event.domain == "measurement":
+                self.bar.write(f"step {event.step}: measurement-domain PSNR (A x vs y) {event.psnr:.2f} dB "
+                               f"(baseline {event.baseline_psnr:.2f}), equivariance error "
+                               f"{event.equivariance_error:.2e}")
+            else:
+                self.bar.write(f"step {event.step}: PSNR {event.psnr:.2f} dB (baseline {event.baseline_psnr:.2f}), "
+                               f"SSIM {event.ssim:.3f}, equivariance error {event.equivariance_error:.2e}")
         elif isinstance(event, ev.LogMessage):
             if not self.quiet or event.level != "info":
                 self.bar.write(f"{event.level}: {event.message}")
@@ -112,10 +118,10 @@ def cmd_train(args) -> int:
     config = _config_with_overrides(args.config, args.set)
     control = RunControl()
     observers = Observers()
-    printer = _ProgressPrinter(config.optim.steps, quiet=args.quiet)
-    observers.add(printer)
+    # the bar starts after the set-up succeeded, so a set-up error is the only line on stderr
     trainer = Trainer(config, run_dir=args.out, observers=observers, control=control, resume_from=args.resume)
-    printer.bar.n = trainer.step
+    printer = _ProgressPrinter(config.optim.steps, start=trainer.step, quiet=args.quiet)
+    observers.add(printer)
     _install_stop_handlers(control)
     try:
         reason = trainer.run()
@@ -127,11 +133,15 @@ def cmd_train(args) -> int:
     print(f"{reason} at step {trainer.step}; run directory: {args.out}")
     if trainer.last_validation:
         v = trainer.last_validation
-        print(f"validation PSNR {v['psnr']:.2f} dB (baseline {v['baseline_psnr']:.2f} dB), SSIM {v['ssim']:.3f}")
+        if v.get("domain") == "measurement":
+            print(f"validation (no reference images): measurement-domain PSNR {v['psnr']:.2f} dB "
+                  f"(baseline {v['baseline_psnr']:.2f} dB), residual ||Ax - y||/||y|| {v['residual']:.3g}")
+        else:
+            print(f"validation PSNR {v['psnr']:.2f} dB (baseline {v['baseline_psnr']:.2f} dB), SSIM {v['ssim']:.3f}")
     return 0 if reason == "completed" else EXIT_INTERRUPTED
 
 
-def _scan_images(path: str, size: int, window=None):
+def _scan_images(path: str, size: int, window=None, scan=None):
     from engine.data import load_scan, prepare_slices
     from engine.errors import ScanError
 
@@ -148,27 +158,60 @@ def _scan_images(path: str, size: int, window=None):
         import numpy as np
 
         return np.concatenate(stacks), scans[0]
-    scan = load_scan(target)
+    scan = scan if scan is not None else load_scan(target)
     return prepare_slices(scan, size, window=window), scan
+
+
+def _measured_input(path: str, loaded):
+    """(Measurements or None, Scan or None): the measurements when ``path`` is a file of raw
+    measurements (k-space / sinogram); the loaded scan of any other file (None for folders)."""
+    from engine.data import load_scan
+    from engine.data.measurements import MEASUREMENT_KINDS, measurements_from_scan
+
+    target = Path(path)
+    if not target.is_file():
+        return None, None
+    scan = load_scan(target)
+    if scan.kind not in MEASUREMENT_KINDS:
+        return None, scan
+    owner = f"checkpoint {Path(loaded.source).name}"
+    return measurements_from_scan(scan, loaded.config.physics, owner=owner), scan
 
 
 def cmd_evaluate(args) -> int:
     from engine.inference import load_model
 
     loaded = load_model(args.checkpoint)
-    images, _ = _scan_images(args.data, loaded.size, window=list(loaded.config.data.window) or None)
-    result = loaded.evaluate(images, seed=args.seed)
+    meas, scan = _measured_input(args.data, loaded)
+    if meas is not None:
+        result = loaded.evaluate_measured(meas, seed=args.seed)
+    else:
+        images, _ = _scan_images(args.data, loaded.size, window=list(loaded.config.data.window) or None, scan=scan)
+        result = loaded.evaluate(images, seed=args.seed)
     if args.json:
         print(json.dumps(result))
         return 0
     m, b = result["model"], result["baseline"]
-    print(f"{result['images']} image(s) from {args.data}")
+    if result["domain"] == "measurement":
+        print(f"{result['images']} measured slice(s) from {args.data}, no reference images: "
+              "measurement-domain metrics (PSNR of A x against the measured y)")
+    else:
+        print(f"{result['images']} image(s) from {args.data}")
     print(f"{'':12s} {'PSNR (dB)':>10s} {'SSIM':>8s}")
     print(f"{'DEQ':12s} {m['psnr']:10.2f} {m['ssim']:8.4f}")
     print(f"{b['method']:12s} {b['psnr']:10.2f} {b['ssim']:8.4f}")
     print(f"equivariance error: reconstructor {result['equivariance_error']:.3e}, "
           f"operator at fixed point {result['operator_equivariance_error']:.3e}")
+    for note in result.get("notes", []):
+        print(f"note: {note}")
     return 0
+
+
+def _check_slice(index: int, count: int) -> None:
+    if not 0 <= index < count:
+        from engine.errors import ScanError
+
+        raise ScanError(f"--slice {index} is outside 0..{count - 1}")
 
 
 def cmd_reconstruct(args) -> int:
@@ -176,16 +219,27 @@ def cmd_reconstruct(args) -> int:
     from engine.inference import load_model
 
     loaded = load_model(args.checkpoint)
-    images, scan = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None)
+    description = f"EquiDEQ DEQ reconstruction ({loaded.config.deq.gradient})"
+    meas, scan = _measured_input(args.input, loaded)
+    if meas is not None:  # reconstruct from the stored measurements, not simulated ones
+        index = args.slice if args.slice is not None else len(meas) // 2
+        _check_slice(index, len(meas))
+        result = loaded.reconstruct_measured(meas, [index])
+        export_image(result["reconstruction"][0], args.output, window=(0.0, 1.0), source_scan=scan,
+                     description=description + " from measured data", checkpoint_name=Path(args.checkpoint).name)
+        kind = "PSNR" if result["domain"] == "image" else "measurement-domain PSNR"
+        print(f"slice {index} (measured): {kind} {float(result['psnr'][0]):.2f} dB "
+              f"(baseline {float(result['baseline_psnr'][0]):.2f} dB), residual ||Ax - y||/||y|| "
+              f"{float(result['residual'][0]):.3g} -> {args.output}")
+        for note in dict.fromkeys(meas.notes):
+            print(f"note: {note}")
+        return 0
+    images, scan = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None, scan=scan)
     index = args.slice if args.slice is not None else images.shape[0] // 2
-    if not 0 <= index < images.shape[0]:
-        from engine.errors import ScanError
-
-        raise ScanError(f"--slice {index} is outside 0..{images.shape[0] - 1}")
+    _check_slice(index, images.shape[0])
     result = loaded.reconstruct(images[index:index + 1])
     export_image(result["reconstruction"][0], args.output, window=(0.0, 1.0), source_scan=scan,
-                 description=f"EquiDEQ DEQ reconstruction ({loaded.config.deq.gradient})",
-                 checkpoint_name=Path(args.checkpoint).name)
+                 description=description, checkpoint_name=Path(args.checkpoint).name)
     print(f"slice {index}: PSNR {float(result['psnr'][0]):.2f} dB "
           f"(baseline {float(result['baseline_psnr'][0]):.2f} dB) -> {args.output}")
     return 0
@@ -263,14 +317,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="PSNR/SSIM and equivariance error on scans (taken as ground truth)")
+    p = sub.add_parser("evaluate", help="PSNR/SSIM and equivariance error on scans (images taken as ground truth; "
+                                        "k-space/sinogram files reconstructed from their measurements)")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True, help="scan file or folder of scans")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated measurement noise")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("reconstruct", help="reconstruct a scan slice and write it (.npy/.png/.h5/.dcm)")
+    p = sub.add_parser("reconstruct", help="reconstruct a scan slice and write it (.npy/.png/.h5/.dcm); "
+                                           "k-space/sinogram files from their stored measurements")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
@@ -313,7 +369,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads or max(1, (__import__("os").cpu_count() or 2) - 1))
         return args.func(args)
     except EquiDEQError as exc:
-        _err(str(exc))
+        _err(" ".join(str(exc).split()))
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the file system refused (permissions, disk full, a file where a folder must be)
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _err(f"{where}{exc.strerror or exc}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         _err("interrupted")

@@ -209,6 +209,12 @@ def _check_value(key: str, hint, value, meta):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         value = list(value)
+        if key == "data.window" and value:
+            nums = [v for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+            if len(value) != 2 or len(nums) != 2 or not all(v == v and abs(v) != float("inf") for v in nums) \
+                    or not nums[0] < nums[1]:
+                raise ConfigError(f"{key} must be [] (automatic) or [low, high] in HU with low < high, got {value!r}")
+            value = [float(v) for v in nums]
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(repr(c) for c in choices)}; got {value!r}")

@@ -65,12 +65,21 @@ class StepFinished(Event):
 
 @dataclass
 class ValidationFinished(Event):
+    """Validation metrics at a step.
+
+    ``domain`` is ``"image"`` when reference images exist (PSNR/SSIM of the
+    reconstruction against them) and ``"measurement"`` for measured data
+    without references: ``psnr`` is then the PSNR of ``A x_hat`` against the
+    measured ``y`` (data consistency, not image quality) and ``ssim`` is NaN.
+    """
+
     step: int
     psnr: float
     ssim: float
     baseline_psnr: float = float("nan")
     baseline_ssim: float = float("nan")
     equivariance_error: float = float("nan")
+    domain: str = "image"
 
 
 @dataclass

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import deepinv as dinv
@@ -53,10 +53,12 @@ _CT_NORMS: dict = {}
 
 
 def build_physics(cfg: PhysicsConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                  rng: Optional[torch.Generator] = None, mask: Optional[torch.Tensor] = None):
+                  rng: Optional[torch.Generator] = None, mask: Optional[torch.Tensor] = None,
+                  angles: Optional[Sequence[float]] = None):
     """A deepinv physics for the config, on ``device`` in ``dtype``.
 
-    ``mask`` overrides the generated MRI mask (data that carries its own mask).
+    ``mask`` overrides the generated MRI mask and ``angles`` (degrees) the
+    ``views`` equispaced CT angles: for data that carries its own geometry.
     """
     if cfg.modality == "ct":
         # The adjoint must be the exact transpose of A (autograd of A): deepinv's
@@ -66,10 +68,14 @@ def build_physics(cfg: PhysicsConfig, device: str | torch.device = "cpu", dtype:
         # We normalise ourselves: deepinv's own normalisation probes in float32
         # only and gives a slightly different norm on every construction, which
         # breaks bit-exact resume; ours is a fixed power iteration, cached.
+        geometry = cfg.views
+        if angles is not None:
+            geometry = torch.as_tensor([float(a) for a in angles], dtype=dtype, device=device)
         physics = dinv.physics.Tomography(
-            angles=cfg.views, img_width=cfg.img_size, circle=cfg.circle, normalize=False,
+            angles=geometry, img_width=cfg.img_size, circle=cfg.circle, normalize=False,
             adjoint_via_backprop=True, device=device, dtype=dtype)
-        key = (cfg.views, cfg.img_size, cfg.circle, str(dtype), str(device))
+        angle_key = None if angles is None else tuple(round(float(a), 9) for a in angles)
+        key = (cfg.views, angle_key, cfg.img_size, cfg.circle, str(dtype), str(device))
         if key not in _CT_NORMS:
             _CT_NORMS[key] = operator_norm(physics, (1, 1, cfg.img_size, cfg.img_size), device=device, dtype=dtype,
                                            iters=50)
@@ -83,6 +89,15 @@ def build_physics(cfg: PhysicsConfig, device: str | torch.device = "cpu", dtype:
                                    device=device)
     physics.noise_model = _noise_model(cfg, rng)
     return physics
+
+
+def detector_count(img_size: int, circle: bool = False) -> int:
+    """Detector cells of deepinv's parallel-beam Radon transform for ``img_size`` (its padding rule)."""
+    from deepinv.physics.functional.radon import SQRT2
+
+    if circle:
+        return int(img_size)
+    return int(img_size) + int((SQRT2 * int(img_size) - int(img_size)).ceil())
 
 
 def baseline(physics, y: torch.Tensor) -> torch.Tensor:

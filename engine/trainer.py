@@ -34,7 +34,8 @@ from engine import __version__
 from engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
 from engine.config import ExperimentConfig, save_config
 from engine.data import load_training_images
-from engine.errors import EquiDEQError
+from engine.data.measurements import load_measurement_data, measurement_metrics, measurement_physics
+from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
                            RunStarted, Snapshot, StepFinished, ValidationFinished)
 from engine.losses import TrainingLoss
@@ -106,19 +107,14 @@ class Trainer:
         self.threads = configure_threads(config.run.threads)
         cfg = self.config
         self.modality = cfg.physics.modality
+        self.data_notes: list[str] = []
 
-        train_images, val_images = load_training_images(cfg.data, cfg.physics)
         noise_rng = torch.Generator(device=self.device).manual_seed(cfg.data.seed + 99)
-        self.physics = build_physics(cfg.physics, self.device, rng=noise_rng)
-        train_y = self._simulate(train_images)
-        self.val_x = to_model_space(torch.from_numpy(val_images)[:, None], self.modality).to(self.device)
-        self.val_y = self._simulate(val_images)
-        # Ground truth of the training set is readable only by the supervised objective.
         supervised = cfg.loss.mode == "supervised"
-        self.train_set = TrainingSet(
-            train_y,
-            to_model_space(torch.from_numpy(train_images)[:, None], self.modality).to(self.device) if supervised else None,
-            unlocked=supervised)
+        # val_x is None for measurement files without reference images (measurement-domain validation)
+        train_y, train_x, self.val_y, self.val_x, self.physics = self._data_source(noise_rng, supervised)
+        # Ground truth of the training set is readable only by the supervised objective.
+        self.train_set = TrainingSet(train_y, train_x if supervised else None, unlocked=supervised)
         # From here on the noise of EI's A T_g x comes from the global, per-step seeded RNG.
         self.physics.noise_model.rng = None
 
@@ -138,6 +134,30 @@ class Trainer:
             self.restore(resume_from)
 
     # -- setup ------------------------------------------------------------------------------
+    def _data_source(self, noise_rng: torch.Generator, supervised: bool):
+        """(train y, train ground truth or None, val y, val references or None, physics).
+
+        Images (phantoms, image files) are simulated through the config's physics;
+        files of raw measurements (k-space, sinograms) are used as measured, with a
+        physics built from their own sampling mask / angles.
+        """
+        cfg = self.config
+        measured = load_measurement_data(cfg.data, cfg.physics)
+        if measured is None:
+            train_images, val_images = load_training_images(cfg.data, cfg.physics)
+            self.physics = build_physics(cfg.physics, self.device, rng=noise_rng)
+            train_y, val_y = self._simulate(train_images), self._simulate(val_images)
+            to_x = lambda images: to_model_space(torch.from_numpy(images)[:, None], self.modality).to(self.device)
+            return train_y, to_x(train_images) if supervised else None, val_y, to_x(val_images), self.physics
+        train, val = measured
+        if supervised and train.reference is None:
+            raise ConfigError(f"loss.mode = 'supervised' needs reference images, but {train.source} holds "
+                              "measurements only; use loss.mode = 'ei' or 'mc'")
+        self.data_notes = list(dict.fromkeys(train.notes))  # logged when the run starts
+        physics = measurement_physics(cfg.physics, train, self.device, rng=noise_rng)
+        move = lambda t: None if t is None else t.to(self.device)
+        return move(train.y), move(train.reference), move(val.y), move(val.reference), physics
+
     def _simulate(self, images: np.ndarray) -> torch.Tensor:
         x = to_model_space(torch.from_numpy(np.ascontiguousarray(images))[:, None], self.modality).to(self.device)
         with torch.no_grad():
@@ -169,6 +189,8 @@ class Trainer:
                                        device=str(self.device), total_steps=total, start_step=self.step))
         self._log("info", f"training on {self.device} ({self.threads} threads): {describe(cfg.physics)}, "
                           f"{len(self.train_set)} training measurements, loss {cfg.loss.mode}, gradient {cfg.deq.gradient}")
+        for note in self.data_notes:
+            self._log("warning", note)
         try:
             if self.loss.needs_alpha:
                 self._balance_alpha()
@@ -287,20 +309,28 @@ class Trainer:
         x_hat = self.model(self.val_y, self.physics)
         x_base = baseline(self.physics, self.val_y)
         self._pending_solves.clear()
-        result = {
-            "step": self.step,
-            "psnr": float(psnr(x_hat, self.val_x).mean()),
-            "ssim": float(ssim(x_hat, self.val_x).mean()),
-            "baseline_psnr": float(psnr(x_base, self.val_x).mean()),
-            "baseline_ssim": float(ssim(x_base, self.val_x).mean()),
-        }
-        first = self.val_x[:1]
+        model_fit, base_fit = (measurement_metrics(self.physics, x, self.val_y) for x in (x_hat, x_base))
+        if self.val_x is not None:
+            result = {
+                "step": self.step, "domain": "image",
+                "psnr": float(psnr(x_hat, self.val_x).mean()),
+                "ssim": float(ssim(x_hat, self.val_x).mean()),
+                "baseline_psnr": float(psnr(x_base, self.val_x).mean()),
+                "baseline_ssim": float(ssim(x_base, self.val_x).mean()),
+            }
+        else:  # no reference images: PSNR of A x_hat against the measured y (SSIM undefined)
+            result = {"step": self.step, "domain": "measurement",
+                      "psnr": float(model_fit[0].mean()), "ssim": float("nan"),
+                      "baseline_psnr": float(base_fit[0].mean()), "baseline_ssim": float("nan")}
+        result["residual"] = float(model_fit[1].mean())
+        result["baseline_residual"] = float(base_fit[1].mean())
+        first = self.val_x[:1] if self.val_x is not None else x_hat[:1]
         result["equivariance_error"] = equivariance_error(lambda y: self.model(y, self.physics), self.physics,
                                                           first, angles=[37.0])
         self._pending_solves.clear()
         self.last_validation = result
         self._write_metrics({"validation": result})
-        self.observers.emit(ValidationFinished(**result))
+        self.observers.emit(ValidationFinished(**{k: result[k] for k in ValidationFinished.__dataclass_fields__}))
         if self.observers.active:
             mask = getattr(self.physics, "mask", None)
             self.observers.emit(Snapshot(
@@ -308,7 +338,7 @@ class Trainer:
                 measurement=measurement_image(self.val_y[:1], self.modality),
                 baseline=to_display(x_base[:1])[0, 0].float().cpu().numpy(),
                 reconstruction=to_display(x_hat[:1])[0, 0].float().cpu().numpy(),
-                reference=to_display(first)[0, 0].float().cpu().numpy(),
+                reference=to_display(first)[0, 0].float().cpu().numpy() if self.val_x is not None else None,
                 mask=mask[0, 0].float().cpu().numpy() if isinstance(mask, torch.Tensor) else None,
                 modality=self.modality))
         return result

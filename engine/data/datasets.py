@@ -15,7 +15,10 @@
     means every slice not in validation, and an empty ``val_slices`` means the
     last 10% of the slices (at least one). A single slice is used for both.
     Only image-domain data (or measurement files that carry reference images,
-    like fastMRI's ``reconstruction_rss``) can be used here.
+    like fastMRI's ``reconstruction_rss``) can be used here; the trainer
+    routes files of raw measurements (k-space, sinograms) to
+    :func:`engine.data.measurements.load_measurement_data` instead, which
+    splits their slices the same way (:func:`split_indices`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from engine.data.phantoms import phantom_batch
 from engine.data.scans import load_scan
 from engine.errors import ConfigError, ScanError
 
-__all__ = ["slice_range", "load_training_images", "VAL_SEED_OFFSET"]
+__all__ = ["slice_range", "split_indices", "load_training_images", "VAL_SEED_OFFSET"]
 
 VAL_SEED_OFFSET = 1_000_003
 
@@ -73,17 +76,24 @@ def slice_range(spec: str, n: int) -> range:
     return r
 
 
-def _split(images: np.ndarray, data_cfg) -> tuple[np.ndarray, np.ndarray]:
-    n = images.shape[0]
+def _config_range(key: str, spec: str, n: int) -> range:
+    try:
+        return slice_range(spec, n)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+
+
+def split_indices(n: int, data_cfg) -> tuple[list[int], list[int]]:
+    """(train, validation) slice indices for ``n`` slices under ``data.train_slices`` / ``data.val_slices``."""
     if data_cfg.val_slices.strip():
-        val_idx = slice_range(data_cfg.val_slices, n)
+        val_idx = list(_config_range("data.val_slices", data_cfg.val_slices, n))
     elif n == 1:
-        val_idx = range(0, 1)
+        val_idx = [0]
     else:
         n_val = max(1, int(round(0.1 * n)))
-        val_idx = range(n - n_val, n)
+        val_idx = list(range(n - n_val, n))
     if data_cfg.train_slices.strip():
-        train_idx = list(slice_range(data_cfg.train_slices, n))
+        train_idx = list(_config_range("data.train_slices", data_cfg.train_slices, n))
     elif n == 1:
         train_idx = [0]
     else:
@@ -94,7 +104,12 @@ def _split(images: np.ndarray, data_cfg) -> tuple[np.ndarray, np.ndarray]:
                 f"data.val_slices '{data_cfg.val_slices}' takes all {n} slices; nothing is left for training "
                 "(set data.train_slices)"
             )
-    return images[train_idx], images[list(val_idx)]
+    return train_idx, val_idx
+
+
+def _split(images: np.ndarray, data_cfg) -> tuple[np.ndarray, np.ndarray]:
+    train_idx, val_idx = split_indices(images.shape[0], data_cfg)
+    return images[train_idx], images[val_idx]
 
 
 def load_training_images(data_cfg, physics_cfg) -> tuple[np.ndarray, np.ndarray]:

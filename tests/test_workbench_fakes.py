@@ -1,0 +1,118 @@
+"""Synthetic engine stand-ins for the workbench tests: a fake Trainer that emits
+realistic events through engine.events.Observers and honours RunControl, and a
+fake LoadedModel. Imported by the other test_workbench_* modules."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from engine.config import ExperimentConfig
+from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFinished, RunStarted, Snapshot,
+                           SolveFinished, StepFinished, ValidationFinished)
+
+
+def solve_event(step: int, direction: str = "forward", iters: int = 6, batch: int = 2, reason: str = "converged",
+                tol: float = 1e-3, seed: int = 0) -> SolveFinished:
+    rng = np.random.default_rng(seed + step)
+    rel = np.full((iters, batch), np.nan)
+    for b in range(batch):
+        n = iters - b  # later samples stop earlier
+        rel[:n, b] = 10.0 ** -np.linspace(0.5, 3.5, n) * (1 + 0.1 * rng.random(n))
+    if reason == "diverged":
+        rel[:, 0] = 10.0 ** np.linspace(-1, 3, iters)
+    abs_ = rel * 5.0
+    reasons = [reason] + ["converged"] * (batch - 1)
+    return SolveFinished(direction=direction, solver="anderson", abs_residuals=abs_, rel_residuals=rel,
+                         iterations=np.array([iters - b for b in range(batch)]), stop_reasons=reasons,
+                         f_evals=iters, seconds=0.01, tolerance=tol, tolerance_mode="rel", step=step)
+
+
+def snapshot_event(step: int, size: int = 16, modality: str = "ct") -> Snapshot:
+    rng = np.random.default_rng(step)
+    ref = rng.random((size, size)).astype(np.float32)
+    return Snapshot(step=step, measurement=rng.random((12, size + 4)).astype(np.float32),
+                    baseline=(ref * 0.5).astype(np.float32), reconstruction=(ref * 0.9).astype(np.float32),
+                    reference=ref, mask=None, modality=modality)
+
+
+class FakeModel:
+    def __init__(self, config: ExperimentConfig | None = None) -> None:
+        self.config = config or ExperimentConfig().replace(**{"physics.img_size": 16})
+
+    def reconstruct(self, images):
+        images = np.asarray(images, dtype=np.float32)
+        return {"measurement": images[:, :12, :] + 1.0, "baseline": images * 0.5, "reconstruction": images * 0.9,
+                "reference": None, "mask": None, "modality": "ct", "forward_stats": None}
+
+    def equivariance(self, image, angle_deg):
+        rot = np.rot90(image, k=int(round(angle_deg / 90.0)) % 4).copy()
+        other = rot * 0.95
+        return {"rotated_reconstruction": rot, "reconstruction_of_rotated": other, "difference": rot - other,
+                "error": 0.05 + angle_deg / 3600.0}
+
+    def equivariance_curve(self, image, angles):
+        angles = np.asarray(angles, dtype=np.float64)
+        return angles, 0.05 + angles / 3600.0
+
+
+class FakeTrainer:
+    """Emits RunStarted, per step forward + backward SolveFinished and StepFinished,
+    validation + snapshot every ``run.validate_every`` steps, RunFinished."""
+
+    step_seconds = 0.02
+    instances: list = []
+
+    def __init__(self, config, run_dir=None, observers=None, control=None, resume_from=None):
+        self.config = config
+        self.observers = observers or Observers()
+        self.control = control or RunControl()
+        self.run_dir = run_dir
+        self.step = 0
+        self.loaded = FakeModel(config)
+        self.events: list = []
+        FakeTrainer.instances.append(self)
+
+    def emit(self, ev) -> None:
+        self.events.append(ev)
+        self.observers.emit(ev)
+
+    def run(self) -> str:
+        cfg = self.config
+        total = cfg.optim.steps
+        self.emit(RunStarted(run_dir=self.run_dir, config=cfg.to_dict(), device="cpu", total_steps=total))
+        self.emit(LogMessage("info", "fake training"))
+        while self.step < total:
+            if not self.control.wait_while_paused() or self.control.stopped:
+                break
+            time.sleep(self.step_seconds)
+            s = self.step + 1
+            self.emit(solve_event(s, "forward", iters=5 + s % 3))
+            self.emit(solve_event(s, "backward", iters=4 + s % 2))
+            self.step = s
+            self.emit(StepFinished(step=s, losses={"total": 1.0 / s, "mc": 0.6 / s, "ei": 0.4 / s}, lr=1e-3,
+                                   seconds=self.step_seconds))
+            if s % cfg.run.validate_every == 0 or s == total:
+                self.emit(ValidationFinished(step=s, psnr=20.0 + s, ssim=0.5 + s / 100))
+                self.emit(snapshot_event(s))
+        reason = "completed" if self.step >= total else "stopped"
+        self.emit(RunFinished(reason=reason, step=self.step))
+        return reason
+
+    def save_checkpoint(self, path):
+        with open(path, "wb") as fh:
+            fh.write(b"fake checkpoint")
+        self.emit(CheckpointSaved(step=self.step, path=str(path)))
+        return path
+
+
+def test_fake_trainer_emits_a_consistent_stream():
+    cfg = ExperimentConfig().replace(**{"optim.steps": 3, "run.validate_every": 1})
+    seen = []
+    t = FakeTrainer(cfg, observers=Observers([seen.append]))
+    t.step_seconds = 0.0
+    assert t.run() == "completed"
+    kinds = [type(e).__name__ for e in seen]
+    assert kinds[0] == "RunStarted" and kinds[-1] == "RunFinished"
+    assert kinds.count("StepFinished") == 3 and kinds.count("Snapshot") == 3

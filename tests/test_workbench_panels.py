@@ -1,0 +1,239 @@
+"""Panel unit tests: synthetic events in, plotted data out (no engine, no main window)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import ExperimentConfig
+from engine.events import StepFinished, ValidationFinished
+from test_workbench_fakes import snapshot_event, solve_event
+
+
+# -- residuals ---------------------------------------------------------------------------
+def test_worst_trace_ignores_stopped_samples():
+    from workbench.panels.residuals import worst_trace
+
+    arr = np.array([[1.0, 2.0], [0.5, np.nan], [0.1, np.nan], [np.nan, np.nan]])
+    np.testing.assert_allclose(worst_trace(arr), [2.0, 0.5, 0.1])
+
+
+def test_residuals_panel_plots_traces_iterations_and_problems(qtbot):
+    from workbench.panels.residuals import ResidualsPanel, worst_trace
+
+    panel = ResidualsPanel(overlay=3)
+    qtbot.addWidget(panel)
+    events = [solve_event(s, "forward", iters=4 + s) for s in range(1, 6)]
+    events.append(solve_event(6, "forward", iters=9, reason="diverged"))
+    events += [solve_event(s, "backward", iters=3) for s in range(1, 4)]
+    for ev in events:
+        panel.add_event(ev)
+    panel.refresh()
+
+    fwd = [c for c in panel.curves["forward"] if c.isVisible()]
+    assert len(fwd) == 3  # only the last N overlaid
+    x, y = fwd[-1].getData()
+    expected = worst_trace(events[5].rel_residuals)
+    assert len(x) == len(expected) == 9
+    np.testing.assert_allclose(10 ** y if panel.plots["forward"].ctrl.logYCheck.isChecked() else y, expected,
+                               rtol=1e-6)
+    # newest is the diverged one: red and thick
+    assert fwd[-1].opts["pen"].color().getRgb()[:3] == (214, 39, 40)
+    # iterations per solve over training
+    ix, iy = panel.iter_curves["forward"].getData()
+    np.testing.assert_array_equal(ix, [1, 2, 3, 4, 5, 6])
+    np.testing.assert_array_equal(iy, [5, 6, 7, 8, 9, 9])
+    bx, by = panel.iter_curves["backward"].getData()
+    assert len(bx) == 3
+    # the problem list
+    assert panel.table.rowCount() == 1
+    assert panel.table.item(0, 2).text() == "diverged"
+    assert "diverged 1" in panel.summary.text()
+    # tolerance line at log10(tol) in relative mode
+    assert panel.tol_lines["forward"].isVisible()
+    assert panel.tol_lines["forward"].value() == pytest.approx(-3.0)
+    # absolute mode: the trace changes, the (relative) tolerance line hides
+    panel.set_mode("abs")
+    x2, y2 = [c for c in panel.curves["forward"] if c.isVisible()][-1].getData()
+    np.testing.assert_allclose(10 ** y2, worst_trace(events[5].abs_residuals), rtol=1e-6)
+    assert not panel.tol_lines["forward"].isVisible()
+
+
+# -- losses ------------------------------------------------------------------------------
+def test_ema_is_bias_corrected():
+    from workbench.panels.losses import ema
+
+    np.testing.assert_allclose(ema([2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0])
+    np.testing.assert_allclose(ema([1.0, 3.0], 0.0), [1.0, 3.0])
+
+
+def test_losses_panel_curves_match_events(qtbot):
+    from workbench.panels.losses import LossesPanel
+
+    panel = LossesPanel()
+    qtbot.addWidget(panel)
+    panel.logy.setChecked(False)
+    for s in range(1, 6):
+        panel.add_step(StepFinished(step=s, losses={"total": 1.0 / s, "mc": 0.5 / s, "ei": 0.5 / s}, lr=1e-3,
+                                    seconds=0.1))
+    panel.add_step(StepFinished(step=6, losses={"total": 0.1, "supervised": 0.05}, lr=1e-3, seconds=0.1))
+    for s in (2, 4):
+        panel.add_validation(ValidationFinished(step=s, psnr=20.0 + s, ssim=0.5 + s / 10))
+    panel.refresh()
+    assert set(panel.curves) == {"total", "mc", "ei", "supervised"}
+    x, y = panel.curves["total"].getData()
+    np.testing.assert_array_equal(x, [1, 2, 3, 4, 5, 6])
+    np.testing.assert_allclose(y, [1, 0.5, 1 / 3, 0.25, 0.2, 0.1])
+    xs, ys = panel.curves["supervised"].getData()
+    assert len(xs) == 6 and np.isnan(ys[:5]).all() and ys[5] == pytest.approx(0.05)
+    px, py = panel.psnr_curve.getData()
+    np.testing.assert_array_equal(px, [2, 4])
+    np.testing.assert_allclose(py, [22.0, 24.0])
+    np.testing.assert_allclose(panel.ssim_curve.getData()[1], [0.7, 0.9])
+    # smoothing changes the displayed curve, not the data
+    panel.set_smoothing(0.9)
+    y_s = panel.curves["total"].getData()[1]
+    assert y_s[0] == pytest.approx(1.0) and y_s[-1] > 0.1
+    assert panel.model.losses["total"][-1] == pytest.approx(0.1)
+    assert "step 4" in panel.model.readout(4.2)
+
+
+# -- reconstructions ----------------------------------------------------------------------
+def test_reconstruction_panel_shows_snapshot_arrays_and_slider(qtbot):
+    from workbench.panels.reconstructions import ReconstructionsPanel
+
+    panel = ReconstructionsPanel()
+    qtbot.addWidget(panel)
+    snaps = [snapshot_event(s) for s in (1, 2, 3)]
+    for ev in snaps:
+        panel.add_event(ev)
+    panel.refresh()
+    items = panel.items
+    np.testing.assert_array_equal(items["reconstruction"].image, snaps[-1].reconstruction)
+    np.testing.assert_array_equal(items["baseline"].image, snaps[-1].baseline)
+    np.testing.assert_array_equal(items["reference"].image, snaps[-1].reference)
+    np.testing.assert_array_equal(items["measurement"].image, snaps[-1].measurement)
+    np.testing.assert_allclose(items["difference"].image, np.abs(snaps[-1].reconstruction - snaps[-1].reference))
+    assert panel.slider.maximum() == 2 and panel.slider.value() == 2
+    panel.slider.setValue(0)  # look back
+    np.testing.assert_array_equal(items["reconstruction"].image, snaps[0].reconstruction)
+    assert "step 1" in panel.step_label.text()
+    panel.add_event(snapshot_event(4))  # not following: stays on the chosen snapshot
+    panel.refresh()
+    np.testing.assert_array_equal(items["reconstruction"].image, snaps[0].reconstruction)
+
+
+def test_window_presets_and_linked_levels(qtbot):
+    from workbench.panels.reconstructions import ReconstructionsPanel, preset_levels
+
+    windows = {"soft tissue": (-160.0, 240.0)}
+    assert preset_levels("soft tissue", (-1000.0, 1500.0), windows) == pytest.approx((0.336, 0.496))
+    assert preset_levels("soft tissue", None, windows) == (0.10, 0.60)
+    panel = ReconstructionsPanel()
+    qtbot.addWidget(panel)
+    panel.add_event(snapshot_event(1))
+    panel.refresh()
+    panel.set_hu_range((-1000.0, 1500.0))
+    panel.apply_preset("soft tissue")
+    for view in ("baseline", "reconstruction", "reference"):
+        assert tuple(panel.items[view].levels) == pytest.approx((0.336, 0.496))
+    panel.hist.setLevels(0.2, 0.3)  # dragging the histogram moves all three
+    assert tuple(panel.items["baseline"].levels) == pytest.approx((0.2, 0.3))
+    panel.set_colormap("viridis")
+    assert panel.items["baseline"].lut is not None
+
+
+def test_mri_snapshot_shows_mask_overlay(qtbot):
+    from workbench.panels.reconstructions import ReconstructionsPanel
+
+    panel = ReconstructionsPanel()
+    qtbot.addWidget(panel)
+    ev = snapshot_event(1, modality="mri")
+    ev.measurement = np.ones((16, 16), np.float32)
+    ev.mask = np.zeros((16, 16), np.float32)
+    ev.mask[:, ::4] = 1
+    panel.add_event(ev)
+    panel.refresh()
+    assert panel.mask_item.image.shape == (16, 16, 4)
+    assert "k-space" in panel.plots["measurement"].titleLabel.text
+
+
+# -- equivariance, log, info, settings ----------------------------------------------------
+def test_equivariance_model_coalesces_requests():
+    from workbench.panels.equivariance import EquivarianceModel
+
+    m = EquivarianceModel()
+    assert m.want(10) == 10
+    assert m.want(20) is None and m.want(30) is None  # busy: remember the newest
+    assert m.done(10, {"error": 0.1}) == 30
+    assert m.done(30, {"error": 0.2}) is None
+    assert m.result_angle == 30
+
+
+def test_equivariance_panel_shows_results(qtbot):
+    from test_workbench_fakes import FakeModel
+    from workbench.panels.equivariance import EquivariancePanel
+
+    panel = EquivariancePanel()
+    qtbot.addWidget(panel)
+    asked = []
+    panel.angleRequested.connect(asked.append)
+    panel.request_angle(90)
+    assert asked == [90.0]
+    img = np.arange(16, dtype=np.float32).reshape(4, 4) / 16
+    res = FakeModel().equivariance(img, 90)
+    panel.show_result(90, res)
+    np.testing.assert_array_equal(panel.items["rotated_reconstruction"].image, res["rotated_reconstruction"])
+    assert "0.075" in panel.error_label.text()
+    panel.show_curve(*FakeModel().equivariance_curve(img, [0, 90, 180]))
+    np.testing.assert_array_equal(panel.curve.getData()[0], [0, 90, 180])
+
+
+def test_log_and_info_panels(qtbot):
+    from workbench.panels.info import InfoPanel
+    from workbench.panels.log import LogPanel
+
+    log = LogPanel()
+    qtbot.addWidget(log)
+    log.add("error", "bad <file>")
+    log.add("warning", "careful")
+    assert log.model.counts["error"] == 1 and "bad &lt;file&gt;" not in log.view.toPlainText()
+    assert "bad <file>" in log.view.toPlainText()
+
+    class S:
+        kind, modality, units, spacing, source = "image", "ct", "HU", (0.5, 0.5), "/x/ct.dcm"
+        metadata = {"PatientID": "ANON", "SliceThickness": "1.0"}
+
+        def summary(self):
+            return "ct.dcm: image 1x8x8 (ct, HU)"
+
+    info = InfoPanel()
+    qtbot.addWidget(info)
+    info.set_scan(S(), "/x/ct.dcm", n_slices=3, index=1)
+    rows = info.rows()
+    assert rows["PatientID"] == "ANON" and rows["Units"] == "HU"
+    assert info.slice_box.isEnabled() and info.slice_box.value() == 1
+
+
+def test_settings_refuse_invalid_values_at_the_field(qtbot):
+    from workbench.dialogs.settings import SettingsPanel
+
+    cfg = ExperimentConfig()
+    panel = SettingsPanel(cfg)
+    qtbot.addWidget(panel)
+    changed = []
+    panel.configChanged.connect(changed.append)
+    panel.set_text("solver.tol", "-1")
+    assert not changed
+    assert "solver.tol" in panel.error_labels["solver.tol"].text()
+    assert not panel.error_labels["solver.tol"].isHidden()
+    assert panel.config.solver.tol == cfg.solver.tol  # previous value kept
+    panel.set_text("optim.steps", "abc")
+    assert "optim.steps" in panel.error_labels["optim.steps"].text()
+    panel.set_text("solver.tol", "1e-5")
+    assert changed and changed[-1].solver.tol == pytest.approx(1e-5)
+    assert panel.error_labels["solver.tol"].isHidden()
+    panel.set_text("deq.gradient", "jfb")
+    assert changed[-1].deq.gradient == "jfb"
+    panel.set_text("loss.ei_weight", "0.5")
+    assert changed[-1].loss.ei_weight == 0.5

@@ -1,0 +1,290 @@
+"""Main-window tests with a fake trainer and a fake model (fast; no torch work)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from engine.config import ExperimentConfig, save_config
+from engine.errors import CheckpointError, ScanError
+from test_workbench_fakes import FakeModel, FakeTrainer
+
+
+@pytest.fixture
+def fake_engine(monkeypatch):
+    from workbench import backend
+
+    monkeypatch.setattr(backend, "model_from_config", lambda cfg: FakeModel(cfg))
+
+    def load_model(path):
+        if open(path, "rb").read(4) != b"fake":
+            raise CheckpointError(f"{os.path.basename(path)}: not a checkpoint (corrupt or truncated)")
+        return FakeModel(ExperimentConfig().replace(**{"physics.img_size": 16, "run.name": "from_ckpt"}))
+
+    monkeypatch.setattr(backend, "load_model", load_model)
+    monkeypatch.setattr(backend, "image_metrics", lambda a, b: (30.0, 0.9))
+    FakeTrainer.instances.clear()
+    FakeTrainer.step_seconds = 0.02
+    return FakeTrainer
+
+
+@pytest.fixture
+def tiny_config():
+    return ExperimentConfig().replace(**{"physics.img_size": 16, "optim.steps": 6, "run.validate_every": 2,
+                                         "run.name": "tiny"})
+
+
+@pytest.fixture
+def window(qtbot, wb_settings, tmp_path, fake_engine, tiny_config):
+    from workbench.main_window import MainWindow
+
+    dialogs = []
+    w = MainWindow(config=tiny_config, settings=wb_settings, trainer_factory=fake_engine,
+                   error_dialog=lambda t, m: dialogs.append((t, m)), confirm=lambda t, q: True,
+                   run_root=str(tmp_path / "runs"))
+    w.dialogs = dialogs
+    qtbot.addWidget(w)
+    w.show()
+    yield w
+    if not w._shutdown_done:
+        w.request_shutdown()
+        qtbot.waitUntil(lambda: w._shutdown_done, timeout=10000)
+    assert not w.training.thread.isRunning()
+
+
+def wait_idle(qtbot, w, timeout=10000):
+    qtbot.waitUntil(lambda: not w.training.running and w.tasks.pending == 0, timeout=timeout)
+    w.relay.flush()
+    w.refresh_plots()
+    w.refresh_images()
+
+
+def test_window_opens_on_the_default(qtbot, wb_settings):
+    from workbench.main_window import MainWindow
+
+    w = MainWindow(settings=wb_settings, error_dialog=lambda t, m: None)
+    qtbot.addWidget(w)
+    w.show()
+    assert w.state.config.run.name == "ct_phantom_quick"
+    assert w.act_train.isEnabled() and not w.act_stop.isEnabled()
+    assert set(w.docks) == {"settings", "info", "reconstructions", "residuals", "losses", "equivariance", "log"}
+    assert "Press Train" in w.log.model.messages()[0]
+    w.close()
+    assert w._shutdown_done
+
+
+def test_training_run_fills_every_panel(qtbot, window):
+    w = window
+    w.train()
+    wait_idle(qtbot, w)
+    trainer = FakeTrainer.instances[-1]
+    assert w.training.last_result == "completed"
+    steps = [e for e in trainer.events if type(e).__name__ == "StepFinished"]
+    x, y = w.losses.curves["total"].getData()
+    np.testing.assert_array_equal(x, [e.step for e in steps])
+    np.testing.assert_allclose(10 ** y, [e.losses["total"] for e in steps])
+    vals = [e for e in trainer.events if type(e).__name__ == "ValidationFinished"]
+    np.testing.assert_allclose(w.losses.psnr_curve.getData()[1], [v.psnr for v in vals])
+    fwd = [e for e in trainer.events if type(e).__name__ == "SolveFinished" and e.direction == "forward"]
+    np.testing.assert_array_equal(w.residuals.iter_curves["forward"].getData()[1], [int(e.iterations.max()) for e in fwd])
+    snaps = [e for e in trainer.events if type(e).__name__ == "Snapshot"]
+    np.testing.assert_array_equal(w.reconstructions.items["reconstruction"].image, snaps[-1].reconstruction)
+    assert w.reconstructions.slider.maximum() == len(snaps) - 1
+    assert any("fake training" in m for m in w.log.model.messages())
+    assert w.progress.value() == 6
+    assert w.relay.emitted < len(trainer.events)  # events are batched across the thread boundary
+    # metrics per view (engine.metrics, patched) arrive asynchronously
+    qtbot.waitUntil(lambda: "PSNR 30.00" in w.reconstructions.plots["reconstruction"].titleLabel.text, timeout=5000)
+    # equivariance for the trained model (fake) via the background pool
+    w.equivariance.request_angle(90)
+    w.equivariance.request_curve()
+    qtbot.waitUntil(lambda: w.equivariance.model.curve is not None and w.equivariance.model.result_angle == 90,
+                    timeout=5000)
+    assert w.equivariance.items["difference"].image is not None
+    assert not w.dialogs
+
+
+def test_pause_resume_stop_mid_run(qtbot, window, fake_engine):
+    w = window
+    fake_engine.step_seconds = 0.05
+    w.state.config = w.state.config.replace(**{"optim.steps": 500})
+    w.train()
+    qtbot.waitUntil(lambda: bool(w.losses.model.steps) and w.losses.model.steps[-1] >= 2, timeout=5000)
+    w.toggle_pause()
+    assert w.act_pause.text() == "Resume"
+    w.toggle_pause()
+    w.keep_current_iterate()
+    w.stop()
+    wait_idle(qtbot, w, timeout=3000)
+    assert w.training.last_result == "stopped"
+    assert w.losses.model.steps[-1] < 500
+    assert w.act_train.isEnabled()
+    assert "stopped" in w.status_label.text().lower()
+
+
+def test_close_while_running_stops_cleanly(qtbot, window, fake_engine, qtlog):
+    w = window
+    fake_engine.step_seconds = 0.05
+    w.state.config = w.state.config.replace(**{"optim.steps": 500})
+    asked = []
+    w.confirm = lambda t, q: asked.append(q) or True
+    w.train()
+    qtbot.waitUntil(lambda: bool(w.losses.model.steps), timeout=5000)
+    w.close()
+    qtbot.waitUntil(lambda: w._shutdown_done, timeout=5000)
+    assert asked and not w.isVisible()
+    assert not w.training.thread.isRunning()
+    assert not any("Destroyed while thread" in r.message for r in qtlog.records)
+
+
+def test_close_refused_keeps_running(qtbot, window, fake_engine):
+    w = window
+    w.state.config = w.state.config.replace(**{"optim.steps": 500})
+    w.confirm = lambda t, q: False
+    w.train()
+    qtbot.waitUntil(lambda: bool(w.losses.model.steps), timeout=5000)
+    w.close()
+    assert w.training.running and w.isVisible()
+    w.stop()
+    wait_idle(qtbot, w)
+
+
+def test_open_scan_and_checkpoint_via_menu(qtbot, window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    w = window
+    scan = tmp_path / "slices.npy"
+    np.save(scan, np.random.default_rng(0).random((3, 24, 24)).astype(np.float32))
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(scan), "")))
+    w.act_open_scan.trigger()
+    qtbot.waitUntil(lambda: w.state.scan is not None and w.tasks.pending == 0, timeout=10000)
+    w.refresh_images()
+    assert w.state.slices.shape == (3, 16, 16)
+    assert w.info.rows()["Kind"] == "image"
+    np.testing.assert_allclose(w.reconstructions.items["reconstruction"].image, w.state.slices[1] * 0.9, rtol=1e-6)
+    assert w.state.config.data.source == "files"
+    assert w.state.recent[0].path == str(scan)
+    assert "slices.npy" in w.windowTitle()
+
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"fake model")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(ckpt), "")))
+    w.act_open_ckpt.trigger()
+    qtbot.waitUntil(lambda: w.state.checkpoint_path == str(ckpt) and w.tasks.pending == 0, timeout=10000)
+    assert w.state.model_source == "checkpoint"
+    assert w.settings_panel.fields["run.validate_every"] is not None
+    assert len(w.reconstructions.model.snapshots) == 2
+    assert w.act_save_ckpt.isEnabled()
+    assert [r.kind for r in w.state.recent] == ["checkpoint", "scan"]
+    assert len(w.recent_menu.actions()) == 2
+    assert not w.dialogs
+
+
+def test_corrupt_files_report_and_keep_state(qtbot, window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    w = window
+    good = tmp_path / "good.npy"
+    np.save(good, np.random.default_rng(1).random((2, 20, 20)).astype(np.float32))
+    w.open_scan(str(good))
+    qtbot.waitUntil(lambda: w.state.scan is not None and w.tasks.pending == 0, timeout=10000)
+    before_scan, before_snaps = w.state.scan, len(w.reconstructions.model.snapshots)
+
+    bad = tmp_path / "broken.npy"
+    bad.write_bytes(b"\x93NUMPY garbage")
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(bad), "")))
+    w.act_open_scan.trigger()
+    qtbot.waitUntil(lambda: len(w.dialogs) == 1, timeout=10000)
+    assert w.dialogs[0][0] == "Cannot open scan" and "broken.npy" in w.dialogs[0][1]
+    assert w.state.scan is before_scan and len(w.reconstructions.model.snapshots) == before_snaps
+    assert any("broken.npy" in m for m in w.log.model.messages("error"))
+
+    bad_ckpt = tmp_path / "bad.pt"
+    bad_ckpt.write_bytes(b"not a checkpoint")
+    w.open_checkpoint(str(bad_ckpt))
+    qtbot.waitUntil(lambda: len(w.dialogs) == 2, timeout=10000)
+    assert "corrupt" in w.dialogs[1][1] and w.state.checkpoint_path is None
+
+    bad_cfg = tmp_path / "bad.toml"
+    bad_cfg.write_text("[solver]\ntol = -3\n")
+    w.open_config(str(bad_cfg))
+    qtbot.waitUntil(lambda: len(w.dialogs) == 3, timeout=10000)
+    assert "solver.tol" in w.dialogs[2][1]
+    # still usable: a run completes afterwards
+    w.train()
+    wait_idle(qtbot, w)
+    assert w.training.last_result == "completed"
+
+
+def test_diverged_solve_is_reported_once(qtbot, window, fake_engine):
+    from engine.events import RunFinished
+    from test_workbench_fakes import solve_event
+
+    w = window
+    w.relay.push(solve_event(3, "forward", iters=8, reason="diverged"))
+    w.relay.push(solve_event(4, "forward", iters=8, reason="diverged"))
+    w.relay.push(RunFinished(reason="completed", step=4))
+    qtbot.waitUntil(lambda: len(w.residuals.model.problems) == 2, timeout=3000)
+    assert len(w.dialogs) == 1 and "diverged" in w.dialogs[0][1]
+    assert sum("diverged" in m for m in w.log.model.messages("error")) >= 2
+
+
+def test_config_file_round_trip_and_export(qtbot, window, tmp_path, monkeypatch):
+    from PySide6.QtWidgets import QFileDialog
+
+    w = window
+    w.settings_panel.set_text("solver.max_iter", "17")
+    assert w.state.config.solver.max_iter == 17
+    out = tmp_path / "saved.toml"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(out), "")))
+    w.act_save_config.trigger()
+    qtbot.waitUntil(lambda: out.exists() and w.tasks.pending == 0, timeout=5000)
+    w.reset_config()
+    assert w.state.config.solver.max_iter != 17
+    monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(out), "")))
+    w.act_open_config.trigger()
+    qtbot.waitUntil(lambda: w.state.config.solver.max_iter == 17, timeout=5000)
+    assert w.settings_panel.fields["solver.max_iter"].text() == "17"
+
+    # export needs a reconstruction; engine.export writes the file
+    w.reconstruct()
+    qtbot.waitUntil(lambda: w.reconstructions.current_image() is not None and w.tasks.pending == 0, timeout=5000)
+    png = tmp_path / "rec.png"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(png), "")))
+    w.act_export.trigger()
+    qtbot.waitUntil(lambda: png.exists() and w.tasks.pending == 0, timeout=5000)
+    npy = tmp_path / "rec.npy"
+    w.export_reconstruction(str(npy))
+    qtbot.waitUntil(lambda: npy.exists(), timeout=5000)
+    np.testing.assert_allclose(np.load(npy), w.reconstructions.current_image())
+
+
+def test_settings_and_layout_persist(qtbot, wb_settings, fake_engine, tmp_path):
+    from workbench.main_window import MainWindow
+
+    w = MainWindow(settings=wb_settings, trainer_factory=fake_engine, error_dialog=lambda t, m: None)
+    qtbot.addWidget(w)
+    w.show()
+    w.settings_panel.set_text("optim.steps", "7")
+    w.state.add_recent("scan", str(tmp_path / "a.npy"))
+    w.docks["log"].setFloating(True)
+    w.close()
+    w2 = MainWindow(settings=wb_settings, trainer_factory=fake_engine, error_dialog=lambda t, m: None)
+    qtbot.addWidget(w2)
+    assert w2.state.config.optim.steps == 7
+    assert w2.state.recent[0].path == str(tmp_path / "a.npy")
+    assert w2.docks["log"].isFloating()
+    w2.close()
+
+
+def test_drop_dispatches_by_file_kind(qtbot, window, tmp_path, monkeypatch):
+    w = window
+    opened = []
+    monkeypatch.setattr(w, "open_checkpoint", lambda p: opened.append(("checkpoint", p)))
+    monkeypatch.setattr(w, "open_scan", lambda p: opened.append(("scan", p)))
+    monkeypatch.setattr(w, "open_config", lambda p: opened.append(("config", p)))
+    for name in ("m.pt", "s.dcm", "c.toml"):
+        w.open_path(str(tmp_path / name))
+    assert [k for k, _ in opened] == ["checkpoint", "scan", "config"]

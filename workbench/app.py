@@ -1,0 +1,128 @@
+"""``equideq-workbench``: the QApplication, command-line options and the entry point."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from typing import Optional, Sequence
+
+from PySide6.QtCore import QTimer
+from PySide6.QtWidgets import QApplication
+
+from workbench import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="equideq-workbench",
+                                description="EquiDEQ Workbench: train deep equilibrium reconstruction networks "
+                                            "without ground truth and watch the fixed-point solver live.")
+    p.add_argument("--demo", action="store_true", help="start a short training run on the built-in phantoms")
+    p.add_argument("--config", metavar="FILE", help="experiment config (.toml / .yaml) to start with")
+    p.add_argument("--checkpoint", metavar="FILE", help="checkpoint to open at start")
+    p.add_argument("--scan", metavar="PATH", help="scan file or DICOM folder to open at start")
+    p.add_argument("--screenshot-dir", metavar="DIR",
+                   help="save screenshots of the window into DIR when the demo run has finished, then quit")
+    p.add_argument("--screenshot-scan", metavar="PATH", help=argparse.SUPPRESS)
+    p.add_argument("--quit-after", metavar="SECONDS", type=float, help="quit (cleanly) after this many seconds")
+    p.add_argument("--run-root", metavar="DIR", help="parent folder for run directories")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return p
+
+
+def configure_interpreter() -> None:
+    """Hand the GIL to the GUI thread more often while the engine computes."""
+    sys.setswitchinterval(0.002)
+
+
+def install_signal_handlers(app: QApplication, window) -> QTimer:
+    """SIGINT / SIGTERM close the window cleanly (no question asked).
+
+    Python only runs signal handlers when the interpreter gets control, so a
+    periodic no-op timer wakes it up while Qt's event loop waits.
+    """
+
+    def handler(signum, _frame):
+        QTimer.singleShot(0, window.request_shutdown)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError):  # not in the main thread / unsupported
+            pass
+    timer = QTimer(app)
+    timer.setInterval(200)
+    timer.timeout.connect(lambda: None)
+    timer.start()
+    return timer
+
+
+def _startup(window, args) -> None:
+    """Open what the command line asked for (in the background), then start the demo."""
+    steps = []
+    if args.config:
+        steps.append(lambda then: window.open_config(args.config, then=then))
+    if args.checkpoint:
+        steps.append(lambda then: window.open_checkpoint(args.checkpoint, then=then))
+    if args.scan:
+        steps.append(lambda then: window.open_scan(args.scan, then=then))
+
+    def finish():
+        if args.demo:
+            window.train()
+
+    def run(i=0):
+        if i < len(steps):
+            steps[i](lambda: run(i + 1))
+        else:
+            finish()
+
+    run()
+
+
+def _screenshots(window, directory: str, scan=None) -> None:
+    """After the demo run: compute the equivariance curve, then grab the window twice."""
+    from workbench.screens import save_screenshots
+
+    def on_end(_result):
+        window.on_run_ended.remove(on_end)
+        save_screenshots(window, directory, then=window.request_shutdown, scan=scan)
+
+    window.on_run_ended.append(on_end)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    os.environ.setdefault("PYQTGRAPH_QT_LIB", "PySide6")
+    configure_interpreter()
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    settings_dir = os.environ.get("EQUIDEQ_WORKBENCH_SETTINGS_DIR")
+    if settings_dir:  # scripts and tests keep the user's settings untouched
+        from PySide6.QtCore import QSettings
+
+        QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings_dir)
+    app.setApplicationName("EquiDEQ Workbench")
+    app.setOrganizationName("EquiDEQ")
+
+    from workbench.main_window import MainWindow
+
+    window = MainWindow(run_root=args.run_root or os.path.join(os.getcwd(), "runs"))
+    window.show()
+    keepalive = install_signal_handlers(app, window)  # noqa: F841 - must stay referenced
+    if args.screenshot_dir:
+        _screenshots(window, args.screenshot_dir, args.screenshot_scan)
+        if not args.demo:  # nothing to wait for: grab the window once it has settled
+            from workbench.screens import save_screenshots
+
+            QTimer.singleShot(1500, lambda: save_screenshots(window, args.screenshot_dir,
+                                                             then=window.request_shutdown,
+                                                             scan=args.screenshot_scan))
+    if args.quit_after:
+        QTimer.singleShot(int(args.quit_after * 1000), window.request_shutdown)
+    QTimer.singleShot(0, lambda: _startup(window, args))
+    return int(app.exec())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The engine functions the workbench calls, imported lazily.
+
+Heavy modules (torch, deepinv) are only imported inside worker threads, so the
+window opens instantly; this is also the single place that knows where each
+engine function lives. Nothing here imports Qt.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+
+# HU windows used when engine.data.intensity is not available: (low, high).
+_FALLBACK_CT_WINDOWS = {
+    "soft tissue": (-160.0, 240.0),
+    "bone": (-450.0, 1050.0),
+    "lung": (-1350.0, 150.0),
+    "brain": (0.0, 80.0),
+}
+
+
+def make_trainer(config, run_dir=None, observers=None, control=None, resume_from=None):
+    from engine.trainer import Trainer
+
+    return Trainer(config, run_dir=run_dir, observers=observers, control=control, resume_from=resume_from)
+
+
+def load_model(path: str):
+    from engine.inference import load_model as _load
+
+    return _load(path)
+
+
+def model_from_config(config):
+    from engine.inference import model_from_config as _from
+
+    return _from(config)
+
+
+class TrainerModelView:
+    """A LoadedModel that mirrors a trainer's current weights, for reconstruct/equivariance.
+
+    Built once per trainer from its config, then refreshed from a copy of the
+    trainer's state dict on every use, so probing the model never switches the
+    live training model to eval mode or races its autograd graph. Call from a
+    worker thread.
+    """
+
+    def __init__(self) -> None:
+        self._loaded = None
+        self._trainer = None
+
+    def get(self, trainer):
+        live = getattr(trainer, "model", None)
+        if live is None or not hasattr(live, "state_dict"):
+            return trainer.loaded  # engines / fakes without a module: use what they offer
+        if self._loaded is None or self._trainer is not trainer:
+            self._loaded = model_from_config(trainer.config)
+            self._trainer = trainer
+        state = {k: v.detach().clone() for k, v in live.state_dict().items()}
+        self._loaded.model.load_state_dict(state)
+        self._loaded.model.eval()
+        return self._loaded
+
+
+def load_scan(path: str):
+    try:
+        from engine.data import load_scan as _load
+    except ImportError:
+        from engine.data.scans import load_scan as _load
+    return _load(path)
+
+
+def prepare_slices(scan, size: int, window=None) -> np.ndarray:
+    try:
+        from engine.data import prepare_slices as _prep
+    except ImportError:
+        from engine.data.intensity import prepare_slices as _prep  # type: ignore
+    return _prep(scan, size, window=window)
+
+
+def ct_windows() -> dict:
+    """Preset name -> (low, high) HU, from the engine when it has them."""
+    try:
+        from engine.data.intensity import CT_WINDOWS
+
+        return {str(k).replace("_", " "): (float(v[0]), float(v[1])) for k, v in dict(CT_WINDOWS).items()}
+    except Exception:
+        return dict(_FALLBACK_CT_WINDOWS)
+
+
+def export_image(image, path, window=None, source_scan=None, description="", checkpoint_name=""):
+    from engine.export import export_image as _export
+
+    return _export(image, path, window=window, source_scan=source_scan, description=description,
+                   checkpoint_name=checkpoint_name)
+
+
+def default_images(config, n: int = 1) -> np.ndarray:
+    """Phantom input images [n, size, size] for reconstruction when no scan is open."""
+    from engine.data.phantoms import phantom_batch
+
+    kind = getattr(config.data, "phantom", "ellipses")
+    return phantom_batch(kind, n, int(config.physics.img_size), seed=int(config.data.seed) + 10_000)
+
+
+def image_metrics(image, reference) -> Optional[tuple[float, float]]:
+    """(PSNR, SSIM) of ``image`` against ``reference`` ([H, W] in [0, 1]) via engine.metrics.
+
+    Imports torch/deepinv: call it off the GUI thread. None when unavailable.
+    """
+    if image is None or reference is None:
+        return None
+    try:
+        import torch
+
+        from engine import metrics
+
+        est = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+        ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=np.float32))[None, None]
+        with torch.no_grad():
+            return float(metrics.psnr(est, ref)[0]), float(metrics.ssim(est, ref)[0])
+    except Exception:
+        return None
+
+
+def torch_threads(requested: int = 0) -> int:
+    """Threads for the engine: the configured number, else cores - 1 (at least 1)."""
+    if requested and requested > 0:
+        return int(requested)
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+def configure_torch_thread(requested: int = 0) -> None:
+    """Call inside a worker thread before running engine code."""
+    import torch
+
+    torch.set_num_threads(torch_threads(requested))
+
+
+def warm_up() -> None:
+    """Import the engine's heavy modules (torch, deepinv) ahead of the first Train.
+
+    Loading torch's shared libraries holds the GIL for a while; doing it once at
+    start-up keeps those stalls out of the training run.
+    """
+    try:
+        import engine.trainer  # noqa: F401
+        import engine.inference  # noqa: F401
+    except Exception:
+        pass
+
+
+def device_name(config=None) -> str:
+    """'CUDA: <name>' when a GPU is used, else 'CPU' (imports torch: call off the GUI thread)."""
+    want = getattr(getattr(config, "run", None), "device", "auto") if config is not None else "auto"
+    try:
+        import torch
+
+        if want != "cpu" and torch.cuda.is_available():
+            return f"CUDA: {torch.cuda.get_device_name(0)}"
+    except Exception:
+        pass
+    return "CPU"

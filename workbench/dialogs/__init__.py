@@ -1,0 +1,1 @@
+"""Dialogs and docks that edit or report: settings, errors."""

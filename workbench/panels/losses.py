@@ -1,0 +1,241 @@
+"""Loss curves (total, MC, EI, supervised, ...) and validation PSNR / SSIM against step.
+
+Smoothing is a display-only exponential moving average (bias-corrected, like
+TensorBoard's), so the first points are not pulled towards zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QSlider, QVBoxLayout, QWidget
+
+from workbench.panels import LogAxis
+
+KNOWN_COLOURS = {
+    "total": (20, 20, 20),
+    "loss": (20, 20, 20),
+    "mc": (31, 119, 180),
+    "ei": (255, 127, 14),
+    "supervised": (44, 160, 44),
+    "sup": (44, 160, 44),
+}
+_EXTRA = [(148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+
+
+def ema(values, alpha: float) -> np.ndarray:
+    """Bias-corrected exponential moving average; NaNs are skipped (kept as NaN)."""
+    v = np.asarray(values, dtype=np.float64)
+    if alpha <= 0 or v.size == 0:
+        return v.copy()
+    out = np.full_like(v, np.nan)
+    acc, weight = 0.0, 0.0
+    for i, x in enumerate(v):
+        if not math.isfinite(x):
+            continue
+        acc = alpha * acc + (1 - alpha) * x
+        weight = alpha * weight + (1 - alpha)
+        out[i] = acc / weight
+    return out
+
+
+class LossesModel:
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: dict[str, list[float]] = {}
+        self.val_steps: list[int] = []
+        self.psnr: list[float] = []
+        self.ssim: list[float] = []
+        self.baseline_psnr: list[float] = []
+        self.baseline_ssim: list[float] = []
+        self.lr: list[float] = []
+        self.version = 0
+
+    def clear(self) -> None:
+        self.__init__()
+
+    def add_step(self, event) -> None:
+        n = len(self.steps)
+        self.steps.append(int(event.step))
+        self.lr.append(float(event.lr))
+        for name, value in dict(event.losses).items():
+            series = self.losses.setdefault(str(name), [math.nan] * n)
+            series.append(float(value))
+        for series in self.losses.values():
+            if len(series) < n + 1:
+                series.append(math.nan)
+        self.version += 1
+
+    def add_validation(self, event) -> None:
+        self.val_steps.append(int(event.step))
+        self.psnr.append(float(event.psnr))
+        self.ssim.append(float(event.ssim))
+        self.baseline_psnr.append(float(getattr(event, "baseline_psnr", math.nan)))
+        self.baseline_ssim.append(float(getattr(event, "baseline_ssim", math.nan)))
+        self.version += 1
+
+    def names(self) -> list[str]:
+        order = ["total", "loss", "mc", "ei", "supervised", "sup"]
+        return sorted(self.losses, key=lambda k: (order.index(k) if k in order else len(order), k))
+
+    def readout(self, x: float) -> str:
+        """Values at the step nearest to ``x`` (for the hover label)."""
+        if not self.steps:
+            return ""
+        steps = np.asarray(self.steps)
+        i = int(np.argmin(np.abs(steps - x)))
+        parts = [f"step {steps[i]}"]
+        for name in self.names():
+            v = self.losses[name][i]
+            if math.isfinite(v):
+                parts.append(f"{name} {v:.4g}")
+        if self.val_steps:
+            vs = np.asarray(self.val_steps)
+            j = int(np.argmin(np.abs(vs - x)))
+            if abs(vs[j] - steps[i]) <= max(1, abs(x - steps[i]) + 0.5):
+                parts.append(f"PSNR {self.psnr[j]:.2f} dB  SSIM {self.ssim[j]:.3f} (step {vs[j]})")
+        return "   ".join(parts)
+
+
+class LossesPanel(QWidget):
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.model = LossesModel()
+        self._drawn = -1
+        self.alpha = 0.0
+
+        self.slider = QSlider(Qt.Orientation.Horizontal)
+        self.slider.setRange(0, 99)
+        self.slider.setValue(0)
+        self.slider.setMaximumWidth(160)
+        self.slider.setToolTip("Exponential moving average of the loss curves (display only)")
+        self.slider.valueChanged.connect(self._smoothing_changed)
+        self.smooth_label = QLabel("smoothing 0.00")
+        self.logy = QCheckBox("log y")
+        self.logy.setChecked(True)
+        self.logy.toggled.connect(self._log_changed)
+        self.readout = QLabel("")
+        self.readout.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("EMA"))
+        top.addWidget(self.slider)
+        top.addWidget(self.smooth_label)
+        top.addWidget(self.logy)
+        top.addStretch(1)
+
+        self.glw = pg.GraphicsLayoutWidget()
+        self.loss_plot = self.glw.addPlot(row=0, col=0, rowspan=2, title="Training losses",
+                                          axisItems={"left": LogAxis("left")})
+        self.loss_plot.setLogMode(y=True)
+        self.loss_plot.showGrid(x=True, y=True, alpha=0.3)
+        self.loss_plot.setLabel("bottom", "step")
+        self.loss_plot.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
+        self.loss_plot.getAxis("left").enableAutoSIPrefix(False)
+        self.psnr_plot = self.glw.addPlot(row=0, col=1, title="Validation PSNR (dB)")
+        self.ssim_plot = self.glw.addPlot(row=1, col=1, title="Validation SSIM")
+        for p in (self.psnr_plot, self.ssim_plot):
+            p.showGrid(x=True, y=True, alpha=0.3)
+            p.setLabel("bottom", "step")
+            p.addLegend(offset=(-10, -10), brush=(255, 255, 255, 200))
+        self.glw.ci.layout.setColumnStretchFactor(0, 3)
+        self.glw.ci.layout.setColumnStretchFactor(1, 2)
+        sym = dict(symbol="o", symbolSize=5, symbolPen=None)
+        self.psnr_curve = self.psnr_plot.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="DEQ",
+                                              symbolBrush=(31, 119, 180), **sym)
+        self.psnr_base = self.psnr_plot.plot([], [], pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DashLine),
+                                             name="baseline")
+        self.ssim_curve = self.ssim_plot.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="DEQ",
+                                              symbolBrush=(31, 119, 180), **sym)
+        self.ssim_base = self.ssim_plot.plot([], [], pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DashLine),
+                                             name="baseline")
+        self.curves: dict[str, pg.PlotDataItem] = {}
+        self.vline = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen((120, 120, 120), style=Qt.PenStyle.DotLine))
+        self.vline.setVisible(False)
+        self.loss_plot.addItem(self.vline, ignoreBounds=True)
+        self._mouse_proxy = pg.SignalProxy(self.glw.scene().sigMouseMoved, rateLimit=30, slot=self._mouse_moved)
+
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(top)
+        lay.addWidget(self.glw, 1)
+        lay.addWidget(self.readout)
+
+    def add_step(self, event) -> None:
+        self.model.add_step(event)
+
+    def add_validation(self, event) -> None:
+        self.model.add_validation(event)
+
+    def clear(self) -> None:
+        self.model.clear()
+        for c in self.curves.values():
+            self.loss_plot.removeItem(c)
+            if self.loss_plot.legend is not None:
+                self.loss_plot.legend.removeItem(c)
+        self.curves.clear()
+        self._drawn = -1
+        self.refresh()
+
+    def set_smoothing(self, alpha: float) -> None:
+        self.slider.setValue(int(round(alpha * 100)))
+
+    def _smoothing_changed(self, v: int) -> None:
+        self.alpha = v / 100.0
+        self.smooth_label.setText(f"smoothing {self.alpha:.2f}")
+        self._drawn = -1
+        self.refresh()
+
+    def _log_changed(self, on: bool) -> None:
+        self.loss_plot.setLogMode(y=on)
+        self._drawn = -1
+        self.refresh()
+
+    def _colour(self, name: str):
+        if name in KNOWN_COLOURS:
+            return KNOWN_COLOURS[name]
+        return _EXTRA[len(self.curves) % len(_EXTRA)]
+
+    def refresh(self) -> None:
+        if self._drawn == self.model.version:
+            return
+        self._drawn = self.model.version
+        m = self.model
+        x = np.asarray(m.steps, dtype=np.float64)
+        log = self.logy.isChecked()
+        for name in m.names():
+            if name not in self.curves:
+                width = 2.2 if name in ("total", "loss") else 1.5
+                self.curves[name] = self.loss_plot.plot([], [], pen=pg.mkPen(self._colour(name), width=width),
+                                                        name=name)
+            y = ema(m.losses[name], self.alpha)
+            if log:
+                y = np.where(y > 0, y, np.nan)
+            self.curves[name].setData(x, y, connect="finite")
+        vx = np.asarray(m.val_steps, dtype=np.float64)
+        self.psnr_curve.setData(vx, np.asarray(m.psnr, dtype=np.float64), connect="finite")
+        self.ssim_curve.setData(vx, np.asarray(m.ssim, dtype=np.float64), connect="finite")
+        bp = np.asarray(m.baseline_psnr, dtype=np.float64)
+        bs = np.asarray(m.baseline_ssim, dtype=np.float64)
+        self.psnr_base.setData(vx if np.isfinite(bp).any() else [], bp if np.isfinite(bp).any() else [],
+                               connect="finite")
+        self.ssim_base.setData(vx if np.isfinite(bs).any() else [], bs if np.isfinite(bs).any() else [],
+                               connect="finite")
+        if m.steps and not self.vline.isVisible():
+            last = m.steps[-1]
+            text = m.readout(last)
+            self.readout.setText(text)
+
+    def _mouse_moved(self, args) -> None:
+        pos = args[0]
+        for plot in (self.loss_plot, self.psnr_plot, self.ssim_plot):
+            if plot.sceneBoundingRect().contains(pos):
+                x = plot.vb.mapSceneToView(pos).x()
+                self.vline.setPos(x)
+                self.vline.setVisible(True)
+                self.readout.setText(self.model.readout(x))
+                return
+        self.vline.setVisible(False)

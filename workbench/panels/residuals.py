@@ -1,0 +1,334 @@
+"""Solver residuals: per-solve residual traces, tolerance, iterations over training, problems.
+
+A solve's trace is the residual of its *worst* sample per iteration (the
+largest finite value across the batch, NaN-padded samples ignored): that is
+the curve that decides when the batched solve ends.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, deque
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QHBoxLayout, QHeaderView, QLabel, QSpinBox, QSplitter,
+                               QTableWidget, QTableWidgetItem, QVBoxLayout, QWidget)
+
+from workbench.panels import LogAxis
+
+DIRECTIONS = ("forward", "backward")
+PROBLEM_REASONS = ("non_finite", "diverged", "max_iterations")
+_REASON_RANK = {"non_finite": 4, "diverged": 3, "max_iterations": 2, "stopped": 1, "converged": 0}
+MAX_PROBLEMS = 500
+REASON_LABELS = {"max_iterations": "max iter", "non_finite": "non-finite"}
+
+
+def worst_trace(residuals) -> np.ndarray:
+    """[iterations, batch] -> [iterations]: largest finite residual per iteration, trailing NaNs cut."""
+    arr = np.asarray(residuals, dtype=np.float64)
+    if arr.ndim == 1:
+        arr = arr[:, None]
+    if arr.size == 0:
+        return np.zeros(0)
+    arr = np.where(np.isfinite(arr), arr, np.nan)
+    trace = np.fmax.reduce(arr, axis=1) if arr.shape[1] else np.full(arr.shape[0], np.nan)
+    finite = np.flatnonzero(np.isfinite(trace))
+    return trace[: finite[-1] + 1] if finite.size else trace[:0]
+
+
+def worst_reason(reasons) -> str:
+    reasons = list(reasons) or ["converged"]
+    return max(reasons, key=lambda r: _REASON_RANK.get(r, 1))
+
+
+@dataclass
+class SolveRecord:
+    index: int  # running number of this direction's solves
+    direction: str
+    step: Optional[int]
+    abs_trace: np.ndarray
+    rel_trace: np.ndarray
+    iterations: int
+    reason: str
+    reasons: list
+    tolerance: float
+    tolerance_mode: str
+    solver: str
+    seconds: float
+    tag: str = ""
+
+    @property
+    def problem(self) -> bool:
+        return self.reason in PROBLEM_REASONS
+
+    def trace(self, mode: str) -> np.ndarray:
+        return self.abs_trace if mode == "abs" else self.rel_trace
+
+
+class ResidualsModel:
+    """Everything the residual panel shows, fed with SolveFinished events."""
+
+    def __init__(self, overlay: int = 8) -> None:
+        self.overlay = overlay
+        self.recent = {d: deque(maxlen=overlay) for d in DIRECTIONS}
+        self.iter_x = {d: [] for d in DIRECTIONS}
+        self.iter_y = {d: [] for d in DIRECTIONS}
+        self.iter_problem = {d: [] for d in DIRECTIONS}
+        self.counts = {d: 0 for d in DIRECTIONS}
+        self.reasons = {d: Counter() for d in DIRECTIONS}
+        self.problems: list[SolveRecord] = []
+        self.last_step = 0
+        self.tolerance: dict = {}
+        self.version = 0
+
+    def clear(self) -> None:
+        self.__init__(self.overlay)
+
+    def set_overlay(self, n: int) -> None:
+        n = max(1, int(n))
+        for d in DIRECTIONS:
+            self.recent[d] = deque(self.recent[d], maxlen=n)
+        self.overlay = n
+        self.version += 1
+
+    def add(self, event) -> SolveRecord:
+        d = "backward" if str(event.direction).startswith("back") else "forward"
+        if event.step is not None:
+            self.last_step = int(event.step)
+        iterations = np.asarray(event.iterations).reshape(-1)
+        n_iter = int(iterations.max()) if iterations.size else int(np.asarray(event.abs_residuals).shape[0])
+        reasons = list(event.stop_reasons or [])
+        self.counts[d] += 1
+        rec = SolveRecord(
+            index=self.counts[d], direction=d, step=event.step if event.step is not None else self.last_step,
+            abs_trace=worst_trace(event.abs_residuals), rel_trace=worst_trace(event.rel_residuals),
+            iterations=n_iter, reason=worst_reason(reasons), reasons=reasons,
+            tolerance=float(event.tolerance), tolerance_mode=str(event.tolerance_mode),
+            solver=str(event.solver), seconds=float(event.seconds), tag=str(getattr(event, "tag", "") or ""),
+        )
+        self.recent[d].append(rec)
+        self.iter_x[d].append(rec.step)
+        self.iter_y[d].append(n_iter)
+        self.iter_problem[d].append(rec.problem)
+        self.reasons[d].update(reasons)
+        self.tolerance[d] = (rec.tolerance, rec.tolerance_mode)
+        if rec.problem:
+            self.problems.append(rec)
+            del self.problems[:-MAX_PROBLEMS]
+        self.version += 1
+        return rec
+
+    def reason_summary(self) -> str:
+        parts = []
+        for d in DIRECTIONS:
+            if self.counts[d]:
+                c = self.reasons[d]
+                text = ", ".join(f"{k} {v}" for k, v in sorted(c.items(), key=lambda kv: -kv[1]))
+                parts.append(f"{d}: {self.counts[d]} solves ({text})")
+        return "   ".join(parts) or "no solves yet"
+
+
+_NEWEST = {"forward": (31, 119, 180), "backward": (255, 127, 14)}
+_PROBLEM = (214, 39, 40)
+
+
+class ResidualsPanel(QWidget):
+    """Residual traces (forward, backward), iterations per solve, stop reasons, problem list."""
+
+    def __init__(self, parent=None, overlay: int = 8) -> None:
+        super().__init__(parent)
+        self.model = ResidualsModel(overlay)
+        self.mode = "rel"
+        self._drawn = -1
+
+        self.mode_box = QComboBox()
+        self.mode_box.addItems(["relative", "absolute"])
+        self.mode_box.setToolTip("Plot relative (||x_k+1 - x_k|| / ||x_k+1||) or absolute residuals")
+        self.mode_box.currentIndexChanged.connect(self._mode_changed)
+        self.overlay_box = QSpinBox()
+        self.overlay_box.setRange(1, 50)
+        self.overlay_box.setValue(overlay)
+        self.overlay_box.setPrefix("last ")
+        self.overlay_box.setSuffix(" solves")
+        self.overlay_box.valueChanged.connect(self._overlay_changed)
+        self.logy = QCheckBox("log y")
+        self.logy.setChecked(True)
+        self.logy.toggled.connect(self._logy_changed)
+        self.summary = QLabel("no solves yet")
+        self.summary.setWordWrap(True)
+
+        top = QHBoxLayout()
+        top.addWidget(QLabel("Residual:"))
+        top.addWidget(self.mode_box)
+        top.addWidget(self.overlay_box)
+        top.addWidget(self.logy)
+        top.addStretch(1)
+
+        self.glw = pg.GraphicsLayoutWidget()
+        self.plots = {}
+        self.curves = {}
+        self.tol_lines = {}
+        for col, d in enumerate(DIRECTIONS):
+            p = self.glw.addPlot(row=0, col=col, title=f"{d.capitalize()} solves", axisItems={"left": LogAxis("left")})
+            p.setLogMode(y=True)
+            p.showGrid(x=True, y=True, alpha=0.3)
+            p.setLabel("bottom", "iteration")
+            p.setLabel("left", "residual")
+            p.getAxis("left").enableAutoSIPrefix(False)
+            self.plots[d] = p
+            self.curves[d] = []
+            line = pg.InfiniteLine(angle=0, movable=False,
+                                   pen=pg.mkPen((40, 160, 40), width=1.5, style=Qt.PenStyle.DashLine),
+                                   label="tol", labelOpts={"position": 0.95, "color": (40, 130, 40)})
+            line.setVisible(False)
+            p.addItem(line, ignoreBounds=True)
+            self.tol_lines[d] = line
+        it = self.glw.addPlot(row=1, col=0, colspan=2, title="Iterations per solve")
+        it.setLabel("bottom", "training step")
+        it.setLabel("left", "iterations")
+        it.showGrid(x=True, y=True, alpha=0.3)
+        it.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
+        self.iter_plot = it
+        self.iter_curves = {
+            d: it.plot([], [], pen=pg.mkPen(_NEWEST[d], width=1.5), symbol="o", symbolSize=4,
+                       symbolBrush=_NEWEST[d], symbolPen=None, name=d)
+            for d in DIRECTIONS
+        }
+        self.iter_problem_scatter = pg.ScatterPlotItem(size=9, brush=pg.mkBrush(*_PROBLEM), pen=None,
+                                                       symbol="x")
+        it.addItem(self.iter_problem_scatter)
+
+        self.table = QTableWidget(0, 6)
+        self.table.setHorizontalHeaderLabels(["step", "direction", "reason", "iterations", "final res.", "solver"])
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
+        self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
+        self.table.setToolTip("Solves that diverged, hit the iteration cap or produced non-finite values")
+        self.table_label = QLabel("Problem solves: none")
+
+        bottom = QWidget()
+        bl = QVBoxLayout(bottom)
+        bl.setContentsMargins(0, 0, 0, 0)
+        bl.addWidget(self.summary)
+        bl.addWidget(self.table_label)
+        bl.addWidget(self.table)
+
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.glw)
+        split.addWidget(bottom)
+        split.setStretchFactor(0, 4)
+        split.setStretchFactor(1, 1)
+
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(2, 2, 2, 2)
+        lay.addLayout(top)
+        lay.addWidget(split)
+
+    # -- events --------------------------------------------------------------------------
+    def add_event(self, event) -> None:
+        self.model.add(event)
+
+    def clear(self) -> None:
+        self.model.clear()
+        self.model.set_overlay(self.overlay_box.value())
+        self._drawn = -1
+        self.refresh()
+
+    # -- controls -----------------------------------------------------------------------
+    def set_mode(self, mode: str) -> None:
+        self.mode_box.setCurrentIndex(0 if mode == "rel" else 1)
+
+    def _mode_changed(self, index: int) -> None:
+        self.mode = "rel" if index == 0 else "abs"
+        self._drawn = -1
+        self.refresh()
+
+    def _overlay_changed(self, n: int) -> None:
+        self.model.set_overlay(n)
+        self.refresh()
+
+    def _logy_changed(self, on: bool) -> None:
+        for p in self.plots.values():
+            p.setLogMode(y=on)
+        self._drawn = -1
+        self.refresh()
+
+    # -- drawing ------------------------------------------------------------------------
+    def _curve(self, d: str, i: int):
+        curves = self.curves[d]
+        while len(curves) <= i:
+            curves.append(self.plots[d].plot([], [], connect="finite"))
+        return curves[i]
+
+    def refresh(self) -> None:
+        if self._drawn == self.model.version:
+            return
+        self._drawn = self.model.version
+        log = self.logy.isChecked()
+        for d in DIRECTIONS:
+            records = list(self.model.recent[d])
+            n = len(records)
+            for i, rec in enumerate(records):
+                y = rec.trace(self.mode).astype(np.float64, copy=True)
+                if log:
+                    y[~(y > 0)] = np.nan
+                x = np.arange(1, len(y) + 1, dtype=np.float64)
+                newest = i == n - 1
+                if rec.problem:
+                    pen = pg.mkPen(_PROBLEM, width=2.5 if newest else 1.2)
+                elif newest:
+                    pen = pg.mkPen(_NEWEST[d], width=2.5)
+                else:
+                    age = (n - 1 - i) / max(1, n - 1)
+                    alpha = int(200 - 150 * age)
+                    pen = pg.mkPen(120, 120, 140, alpha, width=1)
+                c = self._curve(d, i)
+                c.setData(x, y, connect="finite")
+                c.setPen(pen)
+                c.setZValue(10 if newest else i)
+                c.setVisible(True)
+            for c in self.curves[d][n:]:
+                c.setData([], [])
+                c.setVisible(False)
+            tol = self.model.tolerance.get(d)
+            line = self.tol_lines[d]
+            if tol and tol[1] == self.mode and tol[0] > 0:
+                line.setPos(np.log10(tol[0]) if log else tol[0])
+                line.setVisible(True)
+            else:
+                line.setVisible(False)
+            last = records[-1] if records else None
+            title = f"{d.capitalize()} solves"
+            if last is not None:
+                title += f" ({last.iterations} it)"
+            self.plots[d].setTitle(title)
+            xs = np.asarray(self.model.iter_x[d], dtype=np.float64)
+            self.iter_curves[d].setData(xs, np.asarray(self.model.iter_y[d], dtype=np.float64))
+        px, py = [], []
+        for d in DIRECTIONS:
+            for x, y, bad in zip(self.model.iter_x[d], self.model.iter_y[d], self.model.iter_problem[d]):
+                if bad:
+                    px.append(x)
+                    py.append(y)
+        self.iter_problem_scatter.setData(px, py)
+        self.summary.setText(self.model.reason_summary())
+        self._fill_table()
+
+    def _fill_table(self) -> None:
+        problems = self.model.problems
+        self.table_label.setText(f"Problem solves: {len(problems)}" if problems else "Problem solves: none")
+        shown = problems[-200:][::-1]
+        self.table.setRowCount(len(shown))
+        for row, rec in enumerate(shown):
+            final = rec.trace(self.mode)
+            final_s = f"{final[-1]:.3g}" if final.size else "—"
+            values = [str(rec.step), rec.direction, REASON_LABELS.get(rec.reason, rec.reason), str(rec.iterations),
+                      final_s, rec.solver]
+            for col, v in enumerate(values):
+                item = QTableWidgetItem(v)
+                if col == 2:
+                    item.setForeground(pg.mkColor(*_PROBLEM))
+                self.table.setItem(row, col, item)

@@ -1,0 +1,54 @@
+"""Screenshots of the main window (used by ``--screenshot-dir`` and scripts/screenshots.py)."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional
+
+from PySide6.QtCore import QTimer
+
+
+def save_screenshots(window, directory: str, then: Optional[Callable] = None,
+                     scan: Optional[str] = None) -> list[str]:
+    """Compute the equivariance curve, then save workbench_training.png; open ``scan``
+    (if given: reconstructed by the trained model, its tags in the info panel) and save
+    workbench_scan_log.png with the log and scan info raised; ``then`` runs afterwards."""
+    os.makedirs(directory, exist_ok=True)
+    saved: list[str] = []
+
+    def grab(name: str) -> None:
+        window.refresh_plots()
+        window.refresh_images()
+        path = os.path.join(directory, name)
+        window.grab().save(path)
+        saved.append(path)
+        window.log.add("info", f"screenshot saved: {path}")
+
+    def second():
+        window.docks["log"].raise_()
+        window.docks["info"].raise_()
+        QTimer.singleShot(600, lambda: (grab("workbench_scan_log.png"), window.docks["equivariance"].raise_(),
+                                        window.docks["settings"].raise_(), then and then()))
+
+    def first():
+        grab("workbench_training.png")
+        if scan:
+            window.open_scan(scan, then=second)
+        else:
+            second()
+
+    state = {"waited": 0}
+
+    def wait_for_curve():
+        eq = window.equivariance.model
+        state["waited"] += 1
+        if (eq.curve is not None and eq.result is not None) or state["waited"] > 150:
+            QTimer.singleShot(300, first)
+        else:
+            QTimer.singleShot(200, wait_for_curve)
+
+    window.docks["equivariance"].raise_()
+    window.equivariance.request_angle(window.equivariance.slider.value())
+    window.equivariance.request_curve()
+    wait_for_curve()
+    return saved

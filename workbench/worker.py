@@ -1,0 +1,268 @@
+"""The bridge between the engine (plain Python threads, observers) and Qt.
+
+* :class:`EventRelay` takes engine events from any thread and hands them to the
+  GUI thread in batches: at most one queued wake-up signal is in flight, so a
+  solver emitting thousands of events costs one cross-thread emit per GUI
+  event-loop turn, not one per event.
+* :class:`TrainingController` owns one QThread with a :class:`TrainingWorker`
+  in it; the worker builds the engine's Trainer and runs it there.
+* :class:`TaskRunner` runs short jobs (file loading, checkpoint I/O,
+  reconstruction, equivariance) on a one-thread QThreadPool and calls back in
+  the GUI thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Qt, Signal, Slot
+
+from engine.errors import EquiDEQError
+from engine.events import LogMessage, Observers, RunControl, RunFailed, RunFinished
+from workbench import backend
+
+log = logging.getLogger(__name__)
+
+
+def user_message(exc: BaseException) -> str:
+    """What to show for an exception: the engine's own one-liner, else type + text."""
+    if isinstance(exc, EquiDEQError):
+        return str(exc)
+    return f"internal error: {type(exc).__name__}: {exc}"
+
+
+class EventRelay(QObject):
+    """Thread-safe hand-over of engine events to the GUI thread, in batches."""
+
+    eventsReady = Signal(list)
+    _wake = Signal()
+
+    def __init__(self, parent: Optional[QObject] = None) -> None:
+        super().__init__(parent)
+        self._lock = threading.Lock()
+        self._pending: list = []
+        self._scheduled = False
+        self.emitted = 0  # cross-thread wake-ups, for tests / benchmarks
+        self._wake.connect(self._drain, Qt.ConnectionType.QueuedConnection)
+
+    def push(self, event) -> None:
+        """Observer callback: safe from any thread, cheap."""
+        with self._lock:
+            self._pending.append(event)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self.emitted += 1
+        self._wake.emit()
+
+    @Slot()
+    def _drain(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+            self._scheduled = False
+        if batch:
+            self.eventsReady.emit(batch)
+
+    def flush(self) -> None:
+        """Deliver whatever is pending now (GUI thread)."""
+        self._drain()
+
+
+@dataclass
+class TrainRequest:
+    config: Any
+    control: RunControl
+    run_dir: Optional[str] = None
+    resume_from: Optional[str] = None
+
+
+class TrainingWorker(QObject):
+    """Lives in the training QThread; builds and runs the engine's trainer there."""
+
+    runEnded = Signal(str)  # "completed" | "stopped" | "failed"
+
+    def __init__(self, relay: EventRelay, trainer_factory: Callable) -> None:
+        super().__init__()
+        self.relay = relay
+        self.trainer_factory = trainer_factory
+        self.trainer = None
+        self._threads_set = False
+
+    @Slot(object)
+    def run(self, request: TrainRequest) -> None:
+        result = "failed"
+        try:
+            if not self._threads_set:
+                try:
+                    backend.configure_torch_thread(int(getattr(request.config.run, "threads", 0) or 0))
+                except Exception:  # torch missing in a fake-trainer test: harmless
+                    pass
+                self._threads_set = True
+            observers = Observers([self.relay.push])
+            self.trainer = self.trainer_factory(request.config, run_dir=request.run_dir, observers=observers,
+                                                control=request.control, resume_from=request.resume_from)
+            result = str(self.trainer.run() or "completed")
+        except EquiDEQError as exc:
+            self.relay.push(RunFailed(message=str(exc)))
+            self.relay.push(RunFinished(reason="failed", step=0))
+        except Exception as exc:  # engine bug: report, never crash the GUI
+            log.exception("training failed")
+            self.relay.push(LogMessage("error", traceback.format_exc(limit=6)))
+            self.relay.push(RunFailed(message=user_message(exc)))
+            self.relay.push(RunFinished(reason="failed", step=0))
+        self.runEnded.emit(result)
+
+
+class TrainingController(QObject):
+    """Owns the training thread; start / pause / resume / stop / keep-iterate; clean shutdown."""
+
+    runStarted = Signal()
+    runEnded = Signal(str)
+    _request = Signal(object)
+
+    def __init__(self, relay: EventRelay, trainer_factory: Callable = backend.make_trainer,
+                 parent: Optional[QObject] = None) -> None:
+        super().__init__(parent)
+        self.relay = relay
+        self.thread = QThread()
+        self.thread.setObjectName("equideq-training")
+        self.worker = TrainingWorker(relay, trainer_factory)
+        self.worker.moveToThread(self.thread)
+        self._request.connect(self.worker.run, Qt.ConnectionType.QueuedConnection)
+        self.worker.runEnded.connect(self._on_ended, Qt.ConnectionType.QueuedConnection)
+        self.thread.start()
+        self.control: Optional[RunControl] = None
+        self.running = False
+        self.last_result: Optional[str] = None
+
+    @property
+    def trainer(self):
+        return self.worker.trainer
+
+    def start(self, config, run_dir=None, resume_from=None) -> bool:
+        if self.running:
+            return False
+        self.control = RunControl()
+        self.running = True
+        self._request.emit(TrainRequest(config, self.control, run_dir, resume_from))
+        self.runStarted.emit()
+        return True
+
+    def pause(self) -> None:
+        if self.control:
+            self.control.pause()
+
+    def resume(self) -> None:
+        if self.control:
+            self.control.resume()
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.control and self.running and self.control.paused)
+
+    def stop(self) -> None:
+        if self.control:
+            self.control.stop()
+
+    def keep_current_iterate(self) -> None:
+        if self.control:
+            self.control.keep_current_iterate()
+
+    @Slot(str)
+    def _on_ended(self, result: str) -> None:
+        self.running = False
+        self.last_result = result
+        self.relay.flush()
+        self.runEnded.emit(result)
+
+    def shutdown(self, timeout_ms: int = 30000) -> bool:
+        """Stop any run and end the thread; True when the thread has finished."""
+        self.stop()
+        self.thread.quit()
+        ok = self.thread.wait(timeout_ms)
+        return bool(ok)
+
+
+class _TaskSignals(QObject):
+    done = Signal(int, object, object)  # task id, result, exception
+
+
+class _Task(QRunnable):
+    def __init__(self, task_id: int, fn: Callable, signals: _TaskSignals) -> None:
+        super().__init__()
+        self.task_id, self.fn, self.signals = task_id, fn, signals
+        self.setAutoDelete(True)
+
+    def run(self) -> None:
+        try:
+            result, exc = self.fn(), None
+        except BaseException as e:  # noqa: BLE001 - reported in the GUI thread
+            result, exc = None, e
+            if not isinstance(e, EquiDEQError):
+                log.error("background task failed:\n%s", traceback.format_exc())
+        try:
+            self.signals.done.emit(self.task_id, result, exc)
+        except RuntimeError:  # the window is gone
+            pass
+
+
+class TaskRunner(QObject):
+    """Runs callables off the GUI thread, one at a time, and calls back in the GUI thread."""
+
+    busyChanged = Signal(bool)
+
+    def __init__(self, parent: Optional[QObject] = None, threads: int = 1) -> None:
+        super().__init__(parent)
+        self.pool = QThreadPool()
+        self.pool.setMaxThreadCount(threads)
+        self._signals = _TaskSignals()
+        self._signals.done.connect(self._on_done, Qt.ConnectionType.QueuedConnection)
+        self._ids = itertools.count(1)
+        self._callbacks: dict[int, tuple] = {}
+        self._torch_ready = False
+        self.closed = False  # set at shutdown: late results are dropped
+
+    @property
+    def pending(self) -> int:
+        return len(self._callbacks)
+
+    def submit(self, fn: Callable, on_done: Callable[[Any], None],
+               on_error: Optional[Callable[[BaseException], None]] = None, name: str = "") -> int:
+        task_id = next(self._ids)
+        self._callbacks[task_id] = (on_done, on_error, name)
+        runner = self
+
+        def wrapped():
+            if not runner._torch_ready:
+                try:
+                    backend.configure_torch_thread()
+                except Exception:
+                    pass
+                runner._torch_ready = True
+            return fn()
+
+        if len(self._callbacks) == 1:
+            self.busyChanged.emit(True)
+        self.pool.start(_Task(task_id, wrapped, self._signals))
+        return task_id
+
+    @Slot(int, object, object)
+    def _on_done(self, task_id: int, result, exc) -> None:
+        on_done, on_error, _name = self._callbacks.pop(task_id, (None, None, ""))
+        if not self._callbacks:
+            self.busyChanged.emit(False)
+        if self.closed:
+            return
+        if exc is not None:
+            if on_error is not None:
+                on_error(exc)
+        elif on_done is not None:
+            on_done(result)
+
+    def wait(self, timeout_ms: int = 30000) -> bool:
+        return bool(self.pool.waitForDone(timeout_ms))
