@@ -2,7 +2,13 @@
 r"""One MC+EI training step of a PGD deep-equilibrium model: this engine vs deepinv's own DEQ.
 
 Same problem, same weights, same fixed-point map, same nominal tolerance, timed
-in one process:
+in one process. Each side uses its own CT operator, as its users would: the
+engine ``engine.physics.build_physics`` (``SparseTomography``: deepinv's Radon
+extracted as an exact sparse matrix, exact transpose as adjoint), deepinv its
+plain ``deepinv.physics.Tomography`` (``grid_sample`` forward, autograd
+adjoint, ``adjoint_via_backprop=True``), both divided by the *same*
+normalisation constant (the engine's cached ``||A||``) so that the problem is
+the same; the two operators agree to ~5e-7 relative in float32.
 
 (a) ``engine``: :class:`engine.deq.DEQReconstructor` with
     ``F(x) = D(x - eta A^T(Ax - y))`` (``eta = 1``), Anderson forward *and*
@@ -20,9 +26,10 @@ in one process:
     = D(x - (A^T A x - A^T y))`` -- the same map (L2 with ``sigma = 1`` has
     ``grad = A^T A x - A^T y``; ``PnP.prox`` calls ``denoiser(x, sigma)``, and
     our denoisers ignore ``sigma``). The script checks numerically that one
-    deepinv iteration equals :class:`engine.deq.FixedPointOperator` on the same
-    ``x, y`` (max abs difference printed, must be < 1e-5). Both start from the
-    same filtered back-projection (deepinv's default would be ``A^T y``).
+    deepinv iteration (with deepinv's Tomography) equals
+    :class:`engine.deq.FixedPointOperator` (with the engine's operator) on the
+    same ``x, y`` (max abs difference printed, must be < 1e-5). Both start from
+    the same filtered back-projection (deepinv's default would be ``A^T y``).
 
 What "the same tolerance" means (read from deepinv 0.5's ``optimizers.py`` /
 ``fixed_point.py``):
@@ -216,6 +223,26 @@ def build_problem(args, dtype=torch.float32, norm_from=None):
     return physics, noise, x.to(dtype), y
 
 
+def deepinv_physics(physics, noise):
+    """deepinv's own Tomography for the same geometry and normalisation constant as the engine's ``physics``.
+
+    What a deepinv user has: ``grid_sample`` Radon and its autograd adjoint
+    (``adjoint_via_backprop=True``). Normalised by the engine's cached ``||A||``
+    (deepinv's ``normalize=True`` would estimate a slightly different constant,
+    i.e. a slightly different problem); the same noise model object.
+    """
+    import deepinv as dinv
+
+    ref = dinv.physics.Tomography(angles=physics.angles, img_width=physics.img_width, circle=physics.circle,
+                                  normalize=False, adjoint_via_backprop=True, dtype=physics.dtype)
+    ref.register_buffer("operator_norm", physics.operator_norm.detach().clone())
+    ref.normalize = True
+    ref._auto_grad_adjoint_fn = None
+    ref.noise_model = noise
+    assert type(ref) is dinv.physics.Tomography
+    return ref
+
+
 def build_weights(args):
     from engine.config import ModelConfig
     from engine.denoisers import build_denoiser, load_denoiser_weights
@@ -357,15 +384,17 @@ def _profile_targets():
     import inspect
 
     import deepinv
-    from engine import denoisers
+    from engine import denoisers, physics
 
     def line(fn):
         return inspect.getsourcelines(fn)[1]
 
     return [
         ("deepinv/physics/tomography.py", "fbp", None, "FBP (initial iterate)"),
-        ("deepinv/physics/tomography.py", "A", None, "A (Radon)"),
-        ("deepinv/physics/tomography.py", "A_adjoint", None, "A^T (autograd adjoint)"),
+        ("deepinv/physics/tomography.py", "A", None, "A (deepinv Radon, grid_sample)"),
+        ("deepinv/physics/tomography.py", "A_adjoint", None, "A^T (deepinv autograd adjoint)"),
+        ("engine/physics.py", "A", line(physics.SparseTomography.A), "A (engine sparse Radon)"),
+        ("engine/physics.py", "A_adjoint", line(physics.SparseTomography.A_adjoint), "A^T (engine sparse transpose)"),
         ("engine/denoisers.py", "forward", line(denoisers._AveragedDenoiser.forward), "denoiser forward D(x)"),
         ("engine/deq.py", "solve_forward", None, "engine forward solve (incl. FBP, F calls)"),
         ("engine/solvers/anderson.py", "anderson", None, "engine Anderson (incl. F / VJP calls)"),
@@ -455,11 +484,14 @@ def main(argv=None) -> int:
     print("## DEQ training step: engine vs deepinv\n")
     print(machine_description(args.threads))
     print(f"\nProblem: {args.batch} x {args.size}x{args.size} ellipse phantoms (seed 0), {args.views}-view "
-          f"parallel-beam CT (deepinv Tomography, ||A|| = 1, autograd adjoint), Gaussian noise 0.01 (seed {args.seed}); "
+          f"parallel-beam CT (||A|| = 1; engine: SparseTomography, deepinv's Radon as an exact sparse matrix; "
+          f"deepinv: its Tomography, grid_sample + autograd adjoint; same normalisation constant), "
+          f"Gaussian noise 0.01 (seed {args.seed}); "
           f"loss MC + 1.0 * EI (rotate, bilinear, noise on); tol {args.tol:g}, max_iter {args.max_iter} "
           f"(forward and backward); Anderson memory 5, beta 1.")
 
     physics, noise, x, y = build_problem(args)
+    physics_dinv = deepinv_physics(physics, noise)
     den, source = build_weights(args)
     print(f"Denoiser: ResUNet(channels=16, depth=2, group norm, spectral norm, L=0.95), "
           f"{sum(p.numel() for p in den.parameters())} parameters, {source}; train mode.")
@@ -472,6 +504,7 @@ def main(argv=None) -> int:
     model_b = deepinv_model(den, args.tol, args.max_iter, args.deepinv_eps, args.deepinv_eps_backward)
     model_c = deepinv_model(den, args.tol, args.max_iter, DEEPINV_DEFAULT_EPS, DEEPINV_DEFAULT_EPS_BACKWARD)
     models = {"a": model_a, "b": model_b}
+    physics_of = {"a": physics, "b": physics_dinv, "c": physics_dinv}
     if not args.skip_default_ridges:
         models["c"] = model_c
     labels = {
@@ -487,10 +520,11 @@ def main(argv=None) -> int:
     with torch.no_grad():
         x0 = baseline(physics, y)
         fa = model_a.operator(x0, y, physics)
-        fb = deepinv_iteration(model_b, x0, y, physics)
+        fb = deepinv_iteration(model_b, x0, y, physics_dinv)
         x1 = fa + 0.01 * torch.randn(fa.shape, generator=torch.Generator().manual_seed(5))
         diff = max((fa - fb).abs().max().item(),
-                   (model_a.operator(x1, y, physics) - deepinv_iteration(model_b, x1, y, physics)).abs().max().item())
+                   (model_a.operator(x1, y, physics) - deepinv_iteration(model_b, x1, y, physics_dinv))
+                   .abs().max().item())
     ok = diff < 1e-5
     print(f"\nMap check: max |F_engine(x) - deepinv_PGD_iteration(x)| over x in {{FBP, F(FBP) + noise}} = "
           f"{diff:.2e} (max |F| = {fa.abs().max().item():.3f}) -> {'OK (< 1e-5)' if ok else 'MISMATCH'}")
@@ -554,14 +588,14 @@ def main(argv=None) -> int:
     meta = {}
     for name, model in models.items():
         solves.clear()
-        sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics, args.seed)
+        sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics_of[name], args.seed)
         meta[name] = dict(loss=loss, grad=grad, counts=counts, warmup=sec)
         if name == "a":
             meta[name]["engine_stats"] = [(d, s.f_evals, s.iterations.tolist(), sorted(set(s.stop_reasons)))
                                           for d, s in solves]
     for _ in range(args.repeats):
         for name, model in models.items():
-            sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics, args.seed)
+            sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics_of[name], args.seed)
             times[name].append(sec)
             if counts != meta[name]["counts"]:
                 meta[name].setdefault("count_changes", []).append(counts)
@@ -570,8 +604,8 @@ def main(argv=None) -> int:
     residual = {}
     with torch.no_grad():
         for name, model in models.items():
-            z = model(y, physics)
-            residual[name] = fixed_point_residual(model_a.operator, z, y, physics)
+            z = model(y, physics_of[name])
+            residual[name] = fixed_point_residual(model_a.operator, z, y, physics_of[name])
 
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"\n### Results (median of {args.repeats} interleaved steps after 1 warm-up each, "
@@ -607,14 +641,15 @@ def main(argv=None) -> int:
         for eps in (1e-1, 1e-2, 1e-4, 1e-6, 1e-8):
             for eps_b in (1e-4, 1e-8, 1e-12, 1e-16):
                 m = deepinv_model(den, args.tol, args.max_iter, eps, eps_b)
-                sec, _, grad, c = train_step(m, params, loss_fn, noise, y, physics, args.seed)
+                sec, _, grad, c = train_step(m, params, loss_fn, noise, y, physics_dinv, args.seed)
                 err = f"{rel_err(grad, g_ref):.2e}" if g_ref is not None else "n/a"
                 print(f"| {eps:g} | {eps_b:g} | {c['solve']} + {c['graph']} | {c['vjp']} | {sec:.2f} | {err} |")
 
     if args.profile:
         print("\n### Where the time goes\n")
         for name in ("a", "b"):
-            profile_step(labels[name], lambda: train_step(models[name], params, loss_fn, noise, y, physics, args.seed))
+            profile_step(labels[name], lambda: train_step(models[name], params, loss_fn, noise, y, physics_of[name],
+                                                          args.seed))
     return 0
 
 

@@ -204,6 +204,9 @@ class Trainer:
                 try:
                     self.train_step()
                 except StepFailed as failure:
+                    if self.control.stopped:  # the user's stop, not a failure: discard the partial step
+                        self._log("info", f"stopped during step {self.step + 1}; that step was not applied")
+                        break
                     self._failed_in_a_row += 1
                     self._log("error", f"step {self.step + 1} not applied: {failure}")
                     if self._failed_in_a_row >= MAX_FAILED_STEPS:
