@@ -360,14 +360,9 @@ def fixed_point_residual(op, z, y, physics):
 def machine_description(threads):
     import deepinv
 
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    from machine import cpu_model
+
+    cpu = cpu_model()
     import os
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
     return (f"CPU: {cpu}; logical cores: {os.cpu_count()}; torch threads: {torch.get_num_threads()} "

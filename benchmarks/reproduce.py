@@ -126,14 +126,9 @@ def say(message: str) -> None:
 # -- shared helpers (also used by alpha_sweep.py) ------------------------------------------------
 
 def machine_description(threads: int) -> str:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        cpu = platform.processor() or "unknown"
+    from machine import cpu_model
+
+    cpu = cpu_model()
     load = os.getloadavg() if hasattr(os, "getloadavg") else ()
     gpu = f"; CUDA: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return (f"CPU: {cpu}; logical cores: {os.cpu_count()}; torch threads: {torch.get_num_threads()} "
