@@ -364,9 +364,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from engine.errors import EquiDEQError
 
     try:
-        import torch
+        from engine.trainer import configure_threads
 
-        torch.set_num_threads(args.threads or max(1, (__import__("os").cpu_count() or 2) - 1))
+        configure_threads(args.threads)
         return args.func(args)
     except EquiDEQError as exc:
         _err(" ".join(str(exc).split()))

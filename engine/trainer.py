@@ -31,7 +31,8 @@ import numpy as np
 import torch
 
 from engine import __version__
-from engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, save_checkpoint
+from engine.checkpoint import (Checkpoint, capture_rng_state, check_compatible, load_checkpoint,
+                               save_checkpoint)
 from engine.config import ExperimentConfig, save_config
 from engine.data import load_training_images
 from engine.data.measurements import load_measurement_data, measurement_metrics, measurement_physics
@@ -235,13 +236,18 @@ class Trainer:
         return str(self.run_dir) if self.run_dir else None
 
     def _balance_alpha(self) -> None:
-        torch.manual_seed(seed_for_step(self.config.run.seed, -1))
-        self.loss.reseed(seed_for_step(self.config.run.seed, -1))
+        self._seed(-1)
         y = self.train_set.measurements[self._batch_indices(0)]
         self.model.train()
         alpha = self.loss.balance_alpha(self.model, y, self.physics, self.model.parameters())
         self._pending_solves.clear()
         self._log("info", f"EI weight alpha = {alpha:.4g} (auto: balances the EI and MC gradients on the first batch)")
+
+    def _seed(self, step: int) -> None:
+        """Seed everything random in step ``step`` (global RNG: EI noise; the EI transform's own RNG)."""
+        seed = seed_for_step(self.config.run.seed, step)
+        torch.manual_seed(seed)
+        self.loss.reseed(seed)
 
     def _batch_indices(self, step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed_for_step(self.config.data.seed, step))
@@ -253,8 +259,7 @@ class Trainer:
         cfg = self.config
         started = time.perf_counter()
         next_step = self.step + 1
-        torch.manual_seed(seed_for_step(cfg.run.seed, next_step))
-        self.loss.reseed(seed_for_step(cfg.run.seed, next_step))
+        self._seed(next_step)
         idx = self._batch_indices(next_step)
         y = self.train_set.measurements[idx]
         x = self.train_set.ground_truth[idx] if self.loss.needs_ground_truth else None
@@ -353,7 +358,6 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def make_checkpoint(self) -> Checkpoint:
-        rng = {"torch": torch.get_rng_state()}
         return Checkpoint(
             model_state={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
             config=self.config.to_dict(),
@@ -362,7 +366,7 @@ class Trainer:
             scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
             metrics={"ei_weight": self.loss.alpha if self.loss.alpha is not None else float("nan"),
                      **{k: v for k, v in self.last_validation.items() if isinstance(v, float)}},
-            rng_state=rng,
+            rng_state=capture_rng_state(),
             physics=describe(self.config.physics),
             software_version=__version__,
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),

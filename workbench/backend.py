@@ -7,7 +7,6 @@ engine function lives. Nothing here imports Qt.
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -126,18 +125,11 @@ def image_metrics(image, reference) -> Optional[tuple[float, float]]:
         return None
 
 
-def torch_threads(requested: int = 0) -> int:
-    """Threads for the engine: the configured number, else cores - 1 (at least 1)."""
-    if requested and requested > 0:
-        return int(requested)
-    return max(1, (os.cpu_count() or 2) - 1)
-
-
 def configure_torch_thread(requested: int = 0) -> None:
-    """Call inside a worker thread before running engine code."""
-    import torch
+    """Call inside a worker thread before running engine code (the engine's thread policy)."""
+    from engine.trainer import configure_threads
 
-    torch.set_num_threads(torch_threads(requested))
+    configure_threads(requested)
 
 
 def warm_up() -> None:
