@@ -465,11 +465,13 @@ def _sniff(path: Path, name: str) -> str:
         raise CheckpointError(f"{name}: checkpoint file is empty (0 bytes)")
     if head.startswith(b"PK"):
         return "zip"
-    if head.startswith(b"\x80"):
-        return "pickle"
+    # safetensors before pickle: its first byte is the low byte of the header length,
+    # which is 0x80 (pickle's PROTO opcode) for one header length in 256
     if len(head) == 9 and head[8:9] == b"{":
         header_len = struct.unpack("<Q", head[:8])[0]
         return "safetensors" if header_len + 8 <= size else "truncated-safetensors"
+    if head.startswith(b"\x80"):
+        return "pickle"
     return "other"
 
 

@@ -600,3 +600,22 @@ def test_check_state_matches():
     assert ("'conv.weight' has shape [8, 1, 3, 3] in the checkpoint but [4, 1, 3, 3] in the model"
             in str(info.value))
     assert "more mismatches" in str(info.value)
+
+
+def test_safetensors_whose_header_length_starts_with_the_pickle_opcode_is_read_as_safetensors(tmp_path):
+    """The header length's low byte is 0x80 (pickle's PROTO opcode) for one checkpoint in 256."""
+    import json
+    import struct
+
+    cfg = ExperimentConfig().to_dict()
+    for pad in range(256):
+        ckpt = Checkpoint(model_state={"w": torch.ones(3)}, config=cfg, step=1, physics="x" * (1 + pad))
+        path = save_checkpoint(tmp_path / "c.safetensors", ckpt)
+        header_len = struct.unpack("<Q", path.read_bytes()[:8])[0]
+        if header_len & 0xFF == 0x80:
+            break
+    else:
+        pytest.fail("no physics string gave a header length with low byte 0x80")
+    assert json.loads(path.read_bytes()[8:8 + header_len])  # a genuine safetensors header
+    back = load_checkpoint(path)
+    assert back.physics == "x" * (1 + pad) and torch.equal(back.model_state["w"], torch.ones(3))
