@@ -466,7 +466,10 @@ def run_task(task: str, args, out: Path, save: Callable[[], None], results: dict
 def run_phantom_and_generalisation(cfg, args, task_dir: Path, head_images, angles, result, save) -> None:
     """Train a ct_phantom_quick-style model and evaluate every CT model on pydicom's CT_small.dcm."""
     phantom_cfg = builtin_config("ct_phantom_quick").replace(**{
-        "physics.img_size": cfg.physics.img_size, "data.seed": args.seed, "optim.steps": cfg.optim.steps,
+        # the head-CT runs' geometry (ct_phantom_quick itself is 64 px at 16 views), so every CT model
+        # is evaluated on the same measurements
+        "physics.img_size": cfg.physics.img_size, "physics.views": cfg.physics.views,
+        "data.seed": args.seed, "optim.steps": cfg.optim.steps,
         "optim.batch_size": cfg.optim.batch_size, "run.seed": args.seed, "run.threads": args.threads,
         "run.device": args.device, "run.checkpoint_every": 0, "run.validate_every": cfg.optim.steps,
         "run.name": "ct_phantom",
@@ -512,7 +515,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a few minutes: 64x64, 20 steps, 8 / 6 test slices")
     p.add_argument("--only", choices=("ct", "mri"), help="run one task only")
     p.add_argument("--size", type=int, help="image side (default 128, --quick 64)")
-    p.add_argument("--steps", type=int, help="optimisation steps per run (default 300, --quick 20)")
+    p.add_argument("--steps", type=int, help="optimisation steps per run (default 100, --quick 20)")
     p.add_argument("--batch", type=int, default=0, help="images per step (0 = the config's, 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of data noise, batches, EI draws and initial weights (default 0)")
     p.add_argument("--init", choices=("shipped", "random"), default="shipped",
@@ -525,7 +528,7 @@ def parse_args(argv=None):
     if args.size is None:
         args.size = 64 if args.quick else 128
     if args.steps is None:
-        args.steps = 20 if args.quick else 300
+        args.steps = 20 if args.quick else 100
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.out is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from engine.data_fidelity import resolve_fidelity
 from engine.errors import ConfigError
 
 
@@ -71,7 +72,10 @@ class ModelConfig:
 @dataclass
 class DEQConfig:
     operator: str = _f("pgd", choices=("pgd", "hqs"), doc="fixed-point map: PGD or HQS (proximal) form")
-    stepsize: float = _f(1.0, min=1e-6, max=10.0, doc="data-consistency step eta (PGD) / gamma (HQS)")
+    stepsize: float = _f(1.9, min=1e-6, max=10.0,
+                         doc="PGD: step in units of 1/Lip(grad f) (below 2 keeps F contractive); HQS: prox gamma")
+    data_fidelity: str = _f("auto", choices=("auto", "l2", "ramp"),
+                            doc="PGD data term: ramp-filtered l2 (CT) or plain l2; auto = ramp for CT, l2 for MRI")
     gradient: str = _f("implicit", choices=("implicit", "jfb", "unrolled"), doc="how gradients cross the solve")
     unrolled_iterations: int = _f(20, min=1, max=1000, doc="iterations differentiated through when gradient = unrolled")
 
@@ -137,7 +141,12 @@ class ExperimentConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ExperimentConfig":
-        return _build(cls, data, "")
+        config = _build(cls, data, "")
+        try:  # a choice that is valid alone but not with the rest of the config
+            resolve_fidelity(config.deq.data_fidelity, config.physics.modality, config.deq.operator)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return config
 
     def replace(self, **sections_or_dotted: Any) -> "ExperimentConfig":
         """A validated copy with dotted keys changed: ``cfg.replace(**{"solver.tol": 1e-6})``."""

@@ -2,7 +2,10 @@ r"""Deep equilibrium reconstruction ``model(y, physics)`` with selectable gradie
 
 The reconstruction is the fixed point ``x* = F_theta(x*; y, A)`` of
 
-* ``pgd``: :math:`F(x) = D_\theta\big(x - \eta A^\top(Ax - y)\big)`
+* ``pgd``: :math:`F(x) = D_\theta\big(x - \eta \nabla f(x)\big)`, with ``f`` the data
+  fidelity of :mod:`engine.data_fidelity` (``l2``: :math:`\nabla f = A^\top(Ax - y)`;
+  ``ramp``, sparse-view CT: :math:`A^\top W(Ax - y)`, ``W`` the FBP ramp filter) and
+  :math:`\eta = \text{stepsize} / \operatorname{Lip}(\nabla f)`
 * ``hqs``: :math:`F(x) = D_\theta\big(\operatorname{prox}_{\eta f}(x)\big)`,
   :math:`\operatorname{prox}_{\eta f}(x) = (A^\top A + I/\eta)^{-1}(A^\top y + x/\eta)`
   (closed form for MRI, conjugate gradients for CT, both inside deepinv)
@@ -39,6 +42,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from engine.data_fidelity import build_fidelity
 from engine.events import RunControl
 from engine.physics import baseline
 from engine.solvers import SolverOptions, SolveStats, solve
@@ -50,19 +54,29 @@ SolveCallback = Callable[[str, SolveStats], None]
 
 
 class FixedPointOperator(nn.Module):
-    """``F_theta(x; y, physics)``: a data-consistency step followed by the denoiser."""
+    """``F_theta(x; y, physics)``: a data-consistency step followed by the denoiser.
 
-    def __init__(self, denoiser: nn.Module, kind: str = "pgd", stepsize: float = 1.0):
+    For ``pgd`` the step is ``x - (stepsize / Lip) grad f(x)`` with ``f`` the
+    named data fidelity (:mod:`engine.data_fidelity`); ``0 < stepsize < 2``
+    keeps it non-expansive, so ``F`` is as contractive as the denoiser. For
+    ``hqs`` it is deepinv's ``prox_l2`` with ``gamma = stepsize``.
+    """
+
+    def __init__(self, denoiser: nn.Module, kind: str = "pgd", stepsize: float = 1.0, fidelity: str = "l2"):
         super().__init__()
         if kind not in OPERATORS:
             raise ValueError(f"unknown fixed-point operator '{kind}' (known: {', '.join(OPERATORS)})")
+        if kind == "hqs" and fidelity != "l2":
+            raise ValueError("the hqs operator's proximal step is plain l2; use fidelity='l2'")
         self.denoiser = denoiser
         self.kind = kind
         self.stepsize = stepsize
+        self.fidelity = build_fidelity(fidelity)
 
     def data_step(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
         if self.kind == "pgd":
-            return x - self.stepsize * physics.A_adjoint(physics.A(x) - y)
+            eta = self.stepsize / self.fidelity.lipschitz(physics, x)
+            return x - eta * self.fidelity.grad(x, y, physics)
         return physics.prox_l2(x, y, self.stepsize)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:

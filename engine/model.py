@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from engine.config import ExperimentConfig, ModelConfig
+from engine.data_fidelity import resolve_fidelity
 from engine.deq import DEQReconstructor, FixedPointOperator
 from engine.denoisers import build_denoiser, load_denoiser_weights
 from engine.events import RunControl
@@ -51,7 +52,8 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
         weights = Path(config.model.weights) if config.model.weights else default_weights(config.model, in_channels)
         if weights is not None:
             load_denoiser_weights(denoiser, weights)
-    operator = FixedPointOperator(denoiser, config.deq.operator, config.deq.stepsize)
+    fidelity = resolve_fidelity(config.deq.data_fidelity, config.physics.modality, config.deq.operator)
+    operator = FixedPointOperator(denoiser, config.deq.operator, config.deq.stepsize, fidelity)
     model = DEQReconstructor(
         operator,
         forward_solver=SolverOptions.from_config(config.solver),

@@ -110,6 +110,25 @@ def test_normalised_conv_has_unit_operator_norm():
     assert exact == pytest.approx(1.0, rel=1e-3)
 
 
+def test_sigma_tracks_a_weight_change_that_moves_the_top_singular_direction():
+    """An update growing a direction the stored vector does not see is caught within one training call.
+
+    With a single power iteration per change the estimate stayed far below the new norm, the layer
+    briefly exceeded its bound, and as the estimate caught up the trained DEQ drifted with no weight change.
+    """
+    torch.manual_seed(4)
+    conv = conv_spectral_norm(nn.Conv2d(4, 4, 3, padding=1).double(), input_size=12, init_iters=500).train()
+    sn = conv.parametrizations.weight[0]
+    raw = conv.parametrizations.weight.original
+    with torch.no_grad():  # add a component whose output is orthogonal to the current top direction
+        direction = torch.randn_like(raw)
+        direction[0] = 0.0
+        raw.add_(3.0 * direction * raw.norm() / direction.norm())
+    conv(torch.zeros(1, 4, 12, 12, dtype=F64))
+    exact = torch.linalg.matrix_norm(dense_conv_matrix(raw.detach(), 12), ord=2).item()
+    assert float(sn.sigma) >= 0.94 * exact, (float(sn.sigma), exact)  # one iteration: 0.90
+
+
 def test_spectral_norm_state_follows_weights_not_calls():
     torch.manual_seed(3)
     conv = conv_spectral_norm(nn.Conv2d(2, 4, 3, padding=1))
@@ -125,7 +144,7 @@ def test_spectral_norm_state_follows_weights_not_calls():
     assert raw.grad is not None and torch.isfinite(raw.grad).all()
     torch.optim.SGD(conv.parameters(), lr=0.1).step()
     conv(x)
-    assert not torch.equal(sn.u, u0)  # new weights: one power iteration
+    assert not torch.equal(sn.u, u0)  # new weights: SPECTRAL_NORM_TRAIN_ITERS power iterations
     u1, sigma1 = sn.u.clone(), sn.sigma.clone()
     conv.eval()
     conv(x)
