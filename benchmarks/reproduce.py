@@ -48,9 +48,9 @@ from the seeded random initialisation (training from scratch, as in the paper;
 at this small budget that mostly measures how fast each objective learns).
 The note in the output says which one each task used.
 
-Modes: default (about an hour on a 2-core CPU at 1 thread: 128x128, 300 steps
-per run -- the shipped configs' own budget -- measured ~1 s/step supervised,
-MC and JFB, ~2 s/step EI-implicit on CT, about half that on MRI);
+Modes: default (about 20 minutes on a 2-core CPU at 2 threads: 128x128, 100
+steps per run, ~0.5 s/step supervised, MC and JFB, ~1 s/step EI-implicit on CT,
+about half that on MRI; the README's tables use this budget);
 ``--quick`` (a few minutes: 64x64, 20 steps, 8 / 6 test slices). ``--size``,
 ``--steps``, ``--batch`` override either. Writes ``<out>/results.json`` (after
 every run, so an interrupted run keeps what finished) and ``<out>/results.md``.
@@ -58,9 +58,9 @@ A task whose data file is absent is skipped with a message.
 
 Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce.py                 # both tasks, ~1 h
+    .venv/bin/python benchmarks/reproduce.py --threads 2                       # both tasks, ~20 min
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/reproduce.py --quick         # a few minutes
-    .venv/bin/python benchmarks/reproduce.py --only mri --steps 300 --out runs/repro-mri
+    .venv/bin/python benchmarks/reproduce.py --only mri --steps 300 --out runs/repro-mri   # a longer budget
 """
 
 from __future__ import annotations

@@ -266,11 +266,12 @@ def cmd_demo(args) -> int:
 def cmd_check_gradients(args) -> int:
     from engine.gradcheck import check_gradients
 
-    report = check_gradients(size=args.size, views=args.views)
+    report = check_gradients(size=args.size, views=args.views, fidelity=args.fidelity)
     if args.json:
         print(json.dumps(report.to_dict()))
     else:
-        print(f"float64 CT {report.image_size}x{report.image_size}, {report.views} views, EI + MC loss; "
+        print(f"float64 CT {report.image_size}x{report.image_size}, {report.views} views, EI + MC loss, "
+              f"{report.data_fidelity} data step (stepsize {report.stepsize:g}); "
               f"reference: unrolled autograd ({report.unrolled_iterations} iterations)")
         print(f"  implicit (adjoint fixed point, {report.backward_iterations} it)  rel. error "
               f"{report.implicit_rel_error:.3e}")
@@ -342,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--size", type=int, default=16)
     p.add_argument("--views", type=int, default=10)
+    p.add_argument("--fidelity", choices=("ramp", "l2"), default="ramp",
+                   help="CT data step checked (default ramp, as the shipped configs)")
     p.set_defaults(func=cmd_check_gradients)
 
     p = sub.add_parser("pretrain", help="pre-train the config's denoiser as a Gaussian denoiser on phantoms")

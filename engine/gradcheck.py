@@ -1,6 +1,8 @@
 """Gradient checking as a user feature (``equideq check-gradients``).
 
-On a small float64 sparse-view CT problem with the EI + MC loss, compare the
+On a small float64 sparse-view CT problem with the EI + MC loss and the CT data
+step the shipped configs use (``fidelity="ramp"``, stepsize 1.9; ``"l2"`` also
+checkable), compare the
 parameter gradient of each mode against **unrolled autograd run to
 convergence** (the reference: exact for the fixed point once the iteration
 has converged far below float64 round-off of the result):
@@ -45,6 +47,8 @@ class GradientCheckReport:
     views: int
     dtype: str
     seconds: float
+    data_fidelity: str = "ramp"
+    stepsize: float = 1.9
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +59,8 @@ def _flat_grad(model) -> torch.Tensor:
 
 
 def check_gradients(size: int = 16, views: int = 10, batch: int = 2, alpha: float = 1.0, seed: int = 0,
-                    unrolled_iterations: int = 400, fd_epsilon: float = 1e-6) -> GradientCheckReport:
+                    unrolled_iterations: int = 400, fd_epsilon: float = 1e-6, fidelity: str = "ramp",
+                   stepsize: float = 1.9) -> GradientCheckReport:
     started = time.perf_counter()
     dtype = torch.float64
     torch.manual_seed(seed)
@@ -64,7 +69,7 @@ def check_gradients(size: int = 16, views: int = 10, batch: int = 2, alpha: floa
     x = torch.from_numpy(phantom_batch("ellipses", batch, size, seed=seed)).to(dtype)[:, None]
     y = physics.A(x)
     denoiser = build_denoiser(ModelConfig(channels=8, depth=1, norm="group", spectral_norm=False, lipschitz=0.6), 1)
-    operator = FixedPointOperator(denoiser.to(dtype), "pgd", 1.0)
+    operator = FixedPointOperator(denoiser.to(dtype), "pgd", stepsize, fidelity)
     tight = SolverOptions(name="anderson", tol=1e-14, stop_mode="abs", max_iter=500, memory=8)
     model = DEQReconstructor(operator, tight, tight, gradient="implicit", unrolled_iterations=unrolled_iterations)
     model.train()
@@ -118,4 +123,6 @@ def check_gradients(size: int = 16, views: int = 10, batch: int = 2, alpha: floa
         views=views,
         dtype="float64",
         seconds=time.perf_counter() - started,
+        data_fidelity=fidelity,
+        stepsize=stepsize,
     )

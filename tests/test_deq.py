@@ -57,8 +57,10 @@ def test_jfb_gradient_differs(problem, loss_name):
     assert (g_jfb - g_unrolled).norm() / g_unrolled.norm() > 1e-3
 
 
-def test_gradient_check_report_with_project_denoiser():
-    report = check_gradients(size=16, views=10, batch=1)
+@pytest.mark.parametrize("fidelity", ["ramp", "l2"])
+def test_gradient_check_report_with_project_denoiser(fidelity):
+    report = check_gradients(size=16, views=10, batch=1, fidelity=fidelity)
+    assert report.data_fidelity == fidelity
     assert report.implicit_rel_error < 1e-6
     assert report.finite_difference_rel_error < 1e-5
     assert report.jfb_rel_error > 10 * report.implicit_rel_error
