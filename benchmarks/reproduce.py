@@ -85,7 +85,7 @@ from engine.data import (colin27_t1_path, invesalius_head_ct_path, load_scan, pr
                          slice_range)
 from engine.errors import EquiDEQError
 from engine.events import Observers, RunFailed, SolveFinished
-from engine.inference import load_model
+from engine.inference import load_model, model_from_config
 from engine.metrics import default_angles
 from engine.model import build_model
 from engine.physics import image_channels
@@ -263,7 +263,11 @@ def held_out_images(path: Path, config: ExperimentConfig, spec: str):
 
 
 def evaluate_checkpoint(checkpoint: str, images, device: str, angles) -> dict:
-    loaded = load_model(checkpoint, device=device)
+    return evaluate_loaded(load_model(checkpoint, device=device), images, angles)
+
+
+def evaluate_loaded(loaded, images, angles) -> dict:
+    """Test metrics of a loaded model (per-image lists dropped) with its solve counts and time."""
     counter = SolveCounter()
     loaded.model.on_solve = counter.on_solve
     t0 = time.perf_counter()
@@ -338,6 +342,11 @@ def task_markdown(result: dict) -> str:
     if base:
         lines.append(f"| {base['method']} (A^dagger y) | {fmt(base['psnr'])} | {fmt(base['ssim'], '.3f')} "
                      "| – | – | – |")
+    start = result.get("untrained")
+    if start:
+        lines.append(f"| Untrained DEQ (the shared initial weights) | {fmt(start['model']['psnr'])} | "
+                     f"{fmt(start['model']['ssim'], '.3f')} | {fmt(start.get('equivariance_error'), '.3g')} | – | "
+                     f"test {_pct(start['test_solves'].get('forward', {}).get('fraction'))} |")
     for key, label in METHODS_LABELS + [("phantom", "EI DEQ (implicit), trained on phantoms (reference)")]:
         row = result["runs"].get(key)
         if row is None:
@@ -432,6 +441,14 @@ def run_task(task: str, args, out: Path, save: Callable[[], None], results: dict
     }
     say(f"[{task}] {spec['title']}: {result['settings']['n_train']} train / {images.shape[0]} test slices at "
         f"{args.size}x{args.size}, {args.steps} steps; initial weights: {init_note}")
+
+    # the shared starting point, evaluated like the trained models: what training adds is the difference
+    untrained = evaluate_loaded(model_from_config(cfg, device=args.device), images, angles)
+    untrained["test_solves"] = untrained.pop("solves")
+    result["untrained"] = untrained
+    say(f"[{task}] untrained DEQ (initial weights): PSNR {untrained['model']['psnr']:.2f} dB, SSIM "
+        f"{untrained['model']['ssim']:.3f} (baseline {untrained['baseline']['psnr']:.2f} dB)")
+    save()
 
     alpha = cfg.loss.ei_weight
     for key, label, method_overrides in METHODS:
