@@ -42,7 +42,7 @@ views of the 128x128 head CT (slices 80-107): FBP 21.98 dB, ``l2`` 26.57 dB,
 from __future__ import annotations
 
 import math
-from typing import Optional
+import weakref
 
 import torch
 
@@ -110,6 +110,7 @@ class RampFilteredL2:
     def __init__(self, floor: float = RAMP_FLOOR):
         self.floor = float(floor)
         self._responses: dict = {}
+        self._by_physics: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def weight(self, residual: torch.Tensor) -> torch.Tensor:
         """``W r`` for sinograms ``[..., detectors, views]`` (the filter runs along the detector axis)."""
@@ -127,8 +128,16 @@ class RampFilteredL2:
         return physics.A_adjoint(self.weight(physics.A(x) - y))
 
     def lipschitz(self, physics, like: torch.Tensor) -> float:
-        """``||A^T W A||`` by power iteration (seeded start), cached per geometry."""
+        """``||A^T W A||`` by power iteration (seeded start), cached per geometry.
+
+        Called at every F evaluation, so the value is also remembered per physics
+        object: the geometry key reads the angles back from the device.
+        """
+        if physics in self._by_physics:
+            return self._by_physics[physics]
         import deepinv as dinv
+
+        from engine.physics import largest_eigenvalue
 
         if not isinstance(physics, dinv.physics.Tomography):
             raise TypeError("the ramp-filtered fidelity needs a CT (Tomography) physics")
@@ -136,16 +145,11 @@ class RampFilteredL2:
         angles = tuple(float(a) for a in physics.angles.detach().cpu().double().reshape(-1))
         key = (angles, width, bool(getattr(physics, "circle", False)), self.floor)
         if key not in _RAMP_LIPSCHITZ:
-            generator = torch.Generator().manual_seed(0)
-            v = torch.randn(1, 1, width, width, generator=generator, dtype=torch.float64)
-            v = (v / v.norm()).to(device=like.device, dtype=like.dtype)
-            value = 0.0
-            with torch.no_grad():
-                for _ in range(LIPSCHITZ_ITERS):
-                    w = physics.A_adjoint(self.weight(physics.A(v)))
-                    value = float(w.norm())
-                    v = w / max(value, 1e-30)
-            _RAMP_LIPSCHITZ[key] = value
+            start = torch.randn(1, 1, width, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            start = (start / start.norm()).to(device=like.device, dtype=like.dtype)
+            _RAMP_LIPSCHITZ[key] = largest_eigenvalue(lambda v: physics.A_adjoint(self.weight(physics.A(v))),
+                                                      start, LIPSCHITZ_ITERS)
+        self._by_physics[physics] = _RAMP_LIPSCHITZ[key]
         return _RAMP_LIPSCHITZ[key]
 
 

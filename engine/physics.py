@@ -377,14 +377,19 @@ def describe(cfg: PhysicsConfig) -> str:
             f"(centre {cfg.center_fraction:g})")
 
 
-def operator_norm(physics, shape, device="cpu", dtype=torch.float32, iters: int = 30) -> float:
-    """``||A||_2`` by power iteration on ``A^T A`` (1 for the normalised CT operator)."""
-    x = torch.randn(shape, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(0))
-    x = x / x.norm()
+def largest_eigenvalue(normal_operator, start: torch.Tensor, iters: int) -> float:
+    """Largest eigenvalue of a symmetric positive semi-definite map by ``iters`` power iterations from ``start``."""
+    x = start / start.norm()
     value = 0.0
     with torch.no_grad():
         for _ in range(iters):
-            z = physics.A_adjoint(physics.A(x))
+            z = normal_operator(x)
             value = float(z.norm())
             x = z / max(value, 1e-30)
-    return math.sqrt(value)
+    return value
+
+
+def operator_norm(physics, shape, device="cpu", dtype=torch.float32, iters: int = 30) -> float:
+    """``||A||_2`` by power iteration on ``A^T A`` (1 for the normalised CT operator)."""
+    start = torch.randn(shape, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(0))
+    return math.sqrt(largest_eigenvalue(lambda x: physics.A_adjoint(physics.A(x)), start, iters))
