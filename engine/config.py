@@ -77,7 +77,10 @@ class DEQConfig:
     data_fidelity: str = _f("auto", choices=("auto", "l2", "ramp"),
                             doc="PGD data term: ramp-filtered l2 (CT) or plain l2; auto = ramp for CT, l2 for MRI")
     gradient: str = _f("implicit", choices=("implicit", "jfb", "unrolled"), doc="how gradients cross the solve")
-    unrolled_iterations: int = _f(20, min=1, max=1000, doc="iterations differentiated through when gradient = unrolled")
+    unrolled_iterations: int = _f(20, min=1, max=1000, doc="iterations of the network when gradient = unrolled "
+                                                           "(in training and at test time)")
+    relaxation: float = _f(1.0, min=0.01, max=1.0,
+                           doc="weight a of the relaxed map x <- a F(x) + (1 - a) x (same fixed points; 1 = plain F)")
 
 
 @dataclass
@@ -91,6 +94,19 @@ class SolverConfig:
     regularization: float = _f(1e-4, min=0.0, max=1.0, doc="Anderson ridge, relative to the residual scale")
     divergence_factor: float = _f(1e4, min=2.0, doc="residual above this multiple of its running minimum = diverged")
     fallback: str = _f("fixed_point", choices=("",) + SOLVERS, doc="solver that takes over diverged samples ('' = none)")
+
+
+@dataclass
+class JacobianConfig:
+    penalty: float = _f(0.0, min=0.0, max=100.0,
+                        doc="weight mu of mu * max(||dF/dx|| - target, 0) at the fixed point (0 = off)")
+    target: float = _f(0.95, min=0.1, max=2.0, doc="Jacobian spectral norm the penalty pushes F below")
+    power_iters: int = _f(8, min=1, max=200, doc="J^T J products of the penalty's top-singular-vector search")
+    samples: int = _f(2, min=1, max=64, doc="samples of each batch the penalty and the monitor use")
+    monitor_every: int = _f(10, min=0, doc="steps between spectral-radius estimates of dF/dx at the fixed point (0 = off)")
+    radius_limit: float = _f(1.0, min=0.1, max=10.0, doc="spectral radius above which the safeguard acts")
+    safeguard: str = _f("strengthen", choices=("strengthen", "rollback", "off"),
+                        doc="above radius_limit: double the penalty, or also restore the last good weights")
 
 
 @dataclass
@@ -131,6 +147,7 @@ class ExperimentConfig:
     deq: DEQConfig = field(default_factory=DEQConfig)
     solver: SolverConfig = field(default_factory=SolverConfig)
     backward_solver: SolverConfig = field(default_factory=lambda: SolverConfig(tol=1e-4, max_iter=60))
+    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -10,7 +10,15 @@ The reconstruction is the fixed point ``x* = F_theta(x*; y, A)`` of
   :math:`\operatorname{prox}_{\eta f}(x) = (A^\top A + I/\eta)^{-1}(A^\top y + x/\eta)`
   (closed form for MRI, conjugate gradients for CT, both inside deepinv)
 
-started from ``A^dagger y`` and found by one of :mod:`engine.solvers`.
+started from ``A^dagger y`` and found by one of :mod:`engine.solvers`. With a
+relaxation weight ``a = relaxation`` in ``(0, 1]`` the solvers iterate the
+relaxed map :math:`F_a(x) = a F(x) + (1 - a) x` (Krasnosel'skii-Mann, as the
+self-supervised DEQs SelfDEQ / TomoSelfDEQ do with ``a ~ 0.5``): it has the same
+fixed points, and its Jacobian :math:`a J + (1 - a) I` moves the eigenvalues of
+``J`` towards 1, which turns an oscillating (negative or complex) direction with
+``|lambda| > 1`` into a convergent one. The implicit gradient is unchanged: the
+adjoint of the relaxed map gives ``g / a``, and ``z``'s dependence on ``theta``
+is ``a dF/dtheta``.
 
 Gradient modes (``gradient=``):
 
@@ -29,9 +37,11 @@ Gradient modes (``gradient=``):
     Jacobian-free backprop: the same ``z = F(x*)`` without the hook
     (approximates :math:`(I - J)^{-\top} \approx I`).
 ``unrolled``
-    Autograd through ``unrolled_iterations`` plain iterations from
-    ``A^dagger y``: exact for the truncated map, memory linear in the
-    iterations. The baseline.
+    An unrolled network: ``unrolled_iterations`` plain iterations from
+    ``A^dagger y``, in training (autograd through all of them, memory linear
+    in the iterations) and at test time alike, so the network evaluated is
+    the network trained. The baseline; with many iterations of a contraction
+    it is also the reference the implicit gradient is checked against.
 """
 
 from __future__ import annotations
@@ -51,26 +61,32 @@ GRADIENT_MODES = ("implicit", "jfb", "unrolled")
 OPERATORS = ("pgd", "hqs")
 
 SolveCallback = Callable[[str, SolveStats], None]
+FixedPointCallback = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 class FixedPointOperator(nn.Module):
-    """``F_theta(x; y, physics)``: a data-consistency step followed by the denoiser.
+    """``F_theta(x; y, physics)``: a data-consistency step followed by the denoiser, relaxed.
 
     For ``pgd`` the step is ``x - (stepsize / Lip) grad f(x)`` with ``f`` the
     named data fidelity (:mod:`engine.data_fidelity`); ``0 < stepsize < 2``
     keeps it non-expansive, so ``F`` is as contractive as the denoiser. For
-    ``hqs`` it is deepinv's ``prox_l2`` with ``gamma = stepsize``.
+    ``hqs`` it is deepinv's ``prox_l2`` with ``gamma = stepsize``. The output
+    is ``relaxation * D(step(x)) + (1 - relaxation) * x``.
     """
 
-    def __init__(self, denoiser: nn.Module, kind: str = "pgd", stepsize: float = 1.0, fidelity: str = "l2"):
+    def __init__(self, denoiser: nn.Module, kind: str = "pgd", stepsize: float = 1.0, fidelity: str = "l2",
+                 relaxation: float = 1.0):
         super().__init__()
         if kind not in OPERATORS:
             raise ValueError(f"unknown fixed-point operator '{kind}' (known: {', '.join(OPERATORS)})")
         if kind == "hqs" and fidelity != "l2":
             raise ValueError("the hqs operator's proximal step is plain l2; use fidelity='l2'")
+        if not 0.0 < relaxation <= 1.0:
+            raise ValueError(f"relaxation must be in (0, 1], got {relaxation}")
         self.denoiser = denoiser
         self.kind = kind
         self.stepsize = stepsize
+        self.relaxation = float(relaxation)
         self.fidelity = build_fidelity(fidelity)
 
     def data_step(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
@@ -79,8 +95,15 @@ class FixedPointOperator(nn.Module):
             return x - eta * self.fidelity.grad(x, y, physics)
         return physics.prox_l2(x, y, self.stepsize)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
+    def unrelaxed(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
+        """``D(step(x))``, the map before relaxation (its Jacobian is what the penalty bounds)."""
         return self.denoiser(self.data_step(x, y, physics))
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
+        out = self.unrelaxed(x, y, physics)
+        if self.relaxation == 1.0:
+            return out
+        return self.relaxation * out + (1.0 - self.relaxation) * x
 
 
 class DEQReconstructor(nn.Module):
@@ -88,13 +111,15 @@ class DEQReconstructor(nn.Module):
 
     Every solve's :class:`~engine.solvers.SolveStats` goes to ``on_solve``
     (``"forward"`` / ``"backward"``) when set, and the newest are kept in
-    :attr:`last_forward_stats` / :attr:`last_backward_stats`.
+    :attr:`last_forward_stats` / :attr:`last_backward_stats`. Every forward
+    call's measurements and (detached) fixed point go to ``on_fixed_point(y, x*)``
+    when set: the trainer's Jacobian penalty and spectral-radius monitor use them.
     """
 
     def __init__(self, operator: FixedPointOperator, forward_solver: SolverOptions,
                  backward_solver: Optional[SolverOptions] = None, gradient: str = "implicit",
                  unrolled_iterations: int = 20, control: Optional[RunControl] = None,
-                 on_solve: Optional[SolveCallback] = None):
+                 on_solve: Optional[SolveCallback] = None, on_fixed_point: Optional[FixedPointCallback] = None):
         super().__init__()
         if gradient not in GRADIENT_MODES:
             raise ValueError(f"unknown gradient mode '{gradient}' (known: {', '.join(GRADIENT_MODES)})")
@@ -105,6 +130,7 @@ class DEQReconstructor(nn.Module):
         self.unrolled_iterations = unrolled_iterations
         self.control = control
         self.on_solve = on_solve
+        self.on_fixed_point = on_fixed_point
         self.last_forward_stats: Optional[SolveStats] = None
         self.last_backward_stats: Optional[SolveStats] = None
 
@@ -120,8 +146,11 @@ class DEQReconstructor(nn.Module):
         if self.on_solve is not None:
             self.on_solve(direction, stats)
 
-    def fixed_point_map(self, y: torch.Tensor, physics) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: self.operator(x, y, physics)
+    def fixed_point_map(self, y: torch.Tensor, physics, relaxed: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """``x -> F(x; y)``: the (relaxed) map the solvers iterate, or with ``relaxed=False`` ``D(step(x))``."""
+        if relaxed:
+            return lambda x: self.operator(x, y, physics)
+        return lambda x: self.operator.unrelaxed(x, y, physics)
 
     def initial(self, y: torch.Tensor, physics) -> torch.Tensor:
         return baseline(physics, y)
@@ -133,10 +162,12 @@ class DEQReconstructor(nn.Module):
             x0 = self.initial(y_const, physics) if x_init is None else x_init.detach()
             x_star, stats = solve(self.fixed_point_map(y_const, physics), x0, self.forward_solver, self.control)
         self._report("forward", stats)
+        if self.on_fixed_point is not None:
+            self.on_fixed_point(y_const, x_star)
         return x_star
 
     def forward(self, y: torch.Tensor, physics, x_init: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.gradient == "unrolled" and torch.is_grad_enabled():
+        if self.gradient == "unrolled":
             return self._unrolled(y, physics, x_init)
         x_star = self.solve_forward(y, physics, x_init)
         if not torch.is_grad_enabled():
@@ -187,4 +218,6 @@ class DEQReconstructor(nn.Module):
         stats.stop_reasons = ["max_iterations"] * y.shape[0]
         stats.seconds = time.perf_counter() - started
         self._report("forward", stats)
+        if self.on_fixed_point is not None:
+            self.on_fixed_point(y.detach(), x.detach())
         return x

@@ -80,6 +80,23 @@ class ValidationFinished(Event):
     baseline_ssim: float = float("nan")
     equivariance_error: float = float("nan")
     domain: str = "image"
+    spectral_radius: float = float("nan")  # of dF/dx at the first validation fixed point (NaN: not measured)
+
+
+@dataclass
+class StabilityChecked(Event):
+    """A spectral-radius estimate of ``dF/dx`` at a training step's fixed points, and what the safeguard did.
+
+    ``action`` is ``"none"``, ``"strengthened"`` (penalty weight raised) or
+    ``"rolled_back"`` (also the last good weights restored); ``message`` says so in words.
+    """
+
+    step: int
+    spectral_radius: float
+    limit: float
+    penalty_weight: float
+    action: str = "none"
+    message: str = ""
 
 
 @dataclass

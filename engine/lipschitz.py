@@ -147,14 +147,15 @@ def _dominant_ritz(H: torch.Tensor, symmetric: bool):
 
 
 def _krylov_dominant_eigenvalue(matvec: TensorMap, v0: torch.Tensor, max_matvecs: int, tol: float,
-                                krylov_dim: int, symmetric: bool) -> torch.Tensor:
+                                krylov_dim: int, symmetric: bool, return_vector: bool = False):
     """Estimate ``max |lambda(M_b)|`` for each sample ``b`` of a block-diagonal operator ``M``.
 
     ``max_matvecs`` bounds the number of ``matvec`` calls. Stops early once,
     for every sample, the Ritz residual ``||M z - theta z||`` (``z`` the unit
     Ritz vector, residual ``= h_{j+1,j} |y_j|``) is at most ``tol * |theta|``:
     for symmetric ``M`` an eigenvalue then lies within ``tol * |theta|`` of
-    ``theta``. Returns a float64 CPU tensor ``[B]``.
+    ``theta``. Returns a float64 CPU tensor ``[B]``, and with
+    ``return_vector=True`` also the unit dominant Ritz vector (shaped like ``v0``).
     """
     if krylov_dim < 2:
         raise ValueError(f"krylov_dim must be >= 2, got {krylov_dim}")
@@ -190,10 +191,12 @@ def _krylov_dominant_eigenvalue(matvec: TensorMap, v0: torch.Tensor, max_matvecs
             estimate, coeff, last = _dominant_ritz(H[:, : j + 1, : j + 1], symmetric)
             residual = H[:, j + 1, j] * last
             if bool((residual <= tol * estimate).all()):
-                return estimate
+                break
         coeff = coeff.to(device=v.device, dtype=v.dtype)
         v = _normalize(sum(_per_sample(coeff[:, i], v) * basis[i] for i in range(coeff.shape[1])))
-    return estimate
+        if bool((residual <= tol * estimate).all()):
+            break
+    return (estimate, v) if return_vector else estimate
 
 
 # ---------------------------------------------------------------------------------------

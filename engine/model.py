@@ -53,7 +53,8 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
         if weights is not None:
             load_denoiser_weights(denoiser, weights)
     fidelity = resolve_fidelity(config.deq.data_fidelity, config.physics.modality, config.deq.operator)
-    operator = FixedPointOperator(denoiser, config.deq.operator, config.deq.stepsize, fidelity)
+    operator = FixedPointOperator(denoiser, config.deq.operator, config.deq.stepsize, fidelity,
+                                  relaxation=config.deq.relaxation)
     model = DEQReconstructor(
         operator,
         forward_solver=SolverOptions.from_config(config.solver),

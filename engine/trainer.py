@@ -14,10 +14,23 @@ A step whose forward or backward solve diverged or went non-finite, or whose
 loss or gradient is non-finite, is not applied: the parameters stay as they
 were, the reason is reported, and after ``MAX_FAILED_STEPS`` failures in a row
 the run stops with the last good checkpoint kept.
+
+Keeping ``F`` contractive (config section ``[jacobian]``): with
+``jacobian.penalty = mu > 0`` each step adds ``mu * max(||dF/dx|| - target, 0)``
+at the first model call's fixed points (:mod:`engine.regularisers`; ``F`` before
+relaxation). Every ``jacobian.monitor_every`` steps the spectral radius of the
+iterated map's Jacobian at those fixed points is estimated
+(:func:`engine.lipschitz.jacobian_spectral_radius`), reported as a
+:class:`~engine.events.StabilityChecked` event and as ``spectral_radius`` in
+``metrics.jsonl``. Above ``jacobian.radius_limit`` the safeguard doubles the
+penalty weight (at least to :data:`MIN_SAFEGUARD_PENALTY`) and, with
+``safeguard = "rollback"``, also restores the weights and optimiser state of the
+last check that passed, saying so in the log.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -38,15 +51,24 @@ from engine.data import load_training_images
 from engine.data.measurements import load_measurement_data, measurement_metrics, measurement_physics
 from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
-                           RunStarted, Snapshot, StepFinished, ValidationFinished)
+                           RunStarted, Snapshot, StabilityChecked, StepFinished, ValidationFinished)
+from engine.lipschitz import jacobian_spectral_radius
 from engine.losses import TrainingLoss
 from engine.metrics import equivariance_error, psnr, ssim
 from engine.model import build_model, resolve_device
 from engine.physics import baseline, build_physics, describe, to_display, to_model_space
+from engine.regularisers import JacobianSpectralPenalty
 from engine.solvers import SolveStats
 
 MAX_FAILED_STEPS = 3
 SIMULATION_CHUNK = 16
+
+#: the safeguard raises a zero (or tiny) Jacobian penalty weight to at least this
+MIN_SAFEGUARD_PENALTY = 1e-2
+
+#: Arnoldi budget of the spectral-radius monitor (JVPs) and its relative tolerance: a cheap estimate
+RADIUS_ITERS = 30
+RADIUS_TOL = 1e-3
 
 
 def seed_for_step(seed: int, step: int) -> int:
@@ -121,6 +143,13 @@ class Trainer:
 
         self.model = build_model(cfg, self.device, control=self.control)
         self.model.on_solve = self._on_solve
+        self.model.on_fixed_point = self._on_fixed_point
+        jac = cfg.jacobian
+        self.penalty = JacobianSpectralPenalty(weight=jac.penalty, target=jac.target, iters=jac.power_iters,
+                                               samples=jac.samples)
+        self._fixed_points: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # weights and optimiser state at the last spectral-radius check that passed (for rollback)
+        self._good_state: Optional[tuple[int, dict, dict]] = None
         self.loss = TrainingLoss(cfg.loss)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -174,6 +203,9 @@ class Trainer:
 
     def _on_solve(self, direction: str, stats: SolveStats) -> None:
         self._pending_solves.append((direction, stats))
+
+    def _on_fixed_point(self, y: torch.Tensor, x_star: torch.Tensor) -> None:
+        self._fixed_points.append((y, x_star))
 
     def _log(self, level: str, message: str) -> None:
         self.observers.emit(LogMessage(level=level, message=message))
@@ -266,8 +298,14 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         self._pending_solves.clear()
+        self._fixed_points.clear()
+        stability: dict = {}
         try:
             loss = self.loss(self.model, y, self.physics, x)
+            # the first model call's measurements and fixed points: the batch's own reconstructions
+            y_fp, x_fp = self._fixed_points[0] if self._fixed_points else (None, None)
+            if self.penalty.active and x_fp is not None:
+                stability["jacobian_norm"] = self._add_jacobian_penalty(loss, y_fp, x_fp, next_step)
             if not torch.isfinite(loss.total):
                 raise StepFailed(f"loss is not finite ({loss.as_floats()})")
             loss.total.backward()
@@ -286,7 +324,13 @@ class Trainer:
         except StepFailed:
             self.optimizer.zero_grad(set_to_none=True)
             raise
-        self.optimizer.step()
+        monitor = cfg.jacobian.monitor_every
+        rolled_back = False
+        if monitor and next_step % monitor == 0 and x_fp is not None:
+            stability.update(self._check_stability(y_fp, x_fp, next_step))
+            rolled_back = stability["safeguard"] == "rolled_back"
+        if not rolled_back:  # a rollback has restored the last good weights: this step's update is dropped
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.step = next_step
@@ -295,6 +339,9 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": self.step, **values, "lr": lr, "grad_norm": grad_norm,
                   "seconds": time.perf_counter() - started}
+        record.update(stability)
+        if self.penalty.active:
+            record["jacobian_weight"] = self.penalty.weight
         for direction, stats in solves:
             record.setdefault(f"{direction}_iterations", 0)
             record[f"{direction}_iterations"] = max(record[f"{direction}_iterations"], stats.max_iterations_used)
@@ -303,6 +350,54 @@ class Trainer:
         self.observers.emit(StepFinished(step=self.step, losses=values, lr=lr, seconds=record["seconds"],
                                          grad_norm=grad_norm))
         return values
+
+    # -- keeping F contractive ------------------------------------------------------------------
+    def _add_jacobian_penalty(self, loss, y_fp: torch.Tensor, x_fp: torch.Tensor, step: int) -> float:
+        """Add the term ``jacobian`` = mean ``max(||dF/dx|| - target, 0)`` (weight mu) to ``loss``; returns max ||dF/dx||."""
+        fn = self.model.fixed_point_map(y_fp[: self.penalty.samples], self.physics, relaxed=False)
+        generator = torch.Generator(device=x_fp.device).manual_seed(seed_for_step(self.config.run.seed, step) + 1)
+        norms = self.penalty.norms(fn, x_fp, generator)
+        hinge = torch.clamp(norms - self.penalty.target, min=0).mean()
+        loss.terms["jacobian"] = hinge
+        loss.total = loss.total + self.penalty.weight * hinge
+        return float(norms.detach().max())
+
+    def spectral_radius(self, y: torch.Tensor, x_star: torch.Tensor, step: int = 0) -> torch.Tensor:
+        """Per-sample spectral radius of the iterated map's Jacobian at ``x_star`` (first ``jacobian.samples``)."""
+        n = self.config.jacobian.samples
+        generator = torch.Generator(device=x_star.device).manual_seed(seed_for_step(self.config.run.seed, step) + 2)
+        return jacobian_spectral_radius(self.model.fixed_point_map(y[:n], self.physics), x_star[:n],
+                                        iters=RADIUS_ITERS, tol=RADIUS_TOL, generator=generator, per_sample=True)
+
+    def _check_stability(self, y_fp: torch.Tensor, x_fp: torch.Tensor, step: int) -> dict:
+        """Estimate the spectral radius at this step's fixed points; act when it is above the limit."""
+        jac = self.config.jacobian
+        radius = float(self.spectral_radius(y_fp, x_fp, step).max())
+        action, message = "none", ""
+        if not math.isfinite(radius) or radius > jac.radius_limit:
+            if jac.safeguard != "off":
+                old = self.penalty.weight
+                self.penalty.weight = max(2.0 * old, MIN_SAFEGUARD_PENALTY)
+                action = "strengthened"
+                message = (f"step {step}: spectral radius of dF/dx at the fixed point is {radius:.3f} "
+                           f"(> {jac.radius_limit:g}); Jacobian penalty weight {old:g} -> {self.penalty.weight:g}")
+                if jac.safeguard == "rollback" and self._good_state is not None:
+                    good_step, model_state, optim_state = self._good_state
+                    self.model.load_state_dict(model_state)
+                    self.optimizer.load_state_dict(optim_state)
+                    action = "rolled_back"
+                    message += f"; weights and optimiser restored to those of step {good_step}"
+                self._log("warning", message)
+            else:
+                message = (f"step {step}: spectral radius of dF/dx at the fixed point is {radius:.3f} "
+                           f"(> {jac.radius_limit:g}); safeguard off")
+                self._log("warning", message)
+        elif jac.safeguard == "rollback":  # copies: the live tensors change with the next optimiser step
+            self._good_state = (step - 1, {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+                                copy.deepcopy(self.optimizer.state_dict()))
+        self.observers.emit(StabilityChecked(step=step, spectral_radius=radius, limit=jac.radius_limit,
+                                             penalty_weight=self.penalty.weight, action=action, message=message))
+        return {"spectral_radius": radius, "safeguard": action}
 
     def _emit_solves(self, solves, step: int) -> None:
         if not self.observers.active:
@@ -314,9 +409,11 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> dict:
         self.model.eval()
+        self._fixed_points.clear()
         x_hat = self.model(self.val_y, self.physics)
         x_base = baseline(self.physics, self.val_y)
         self._pending_solves.clear()
+        fixed_points = self._fixed_points[:1]
         model_fit, base_fit = (measurement_metrics(self.physics, x, self.val_y) for x in (x_hat, x_base))
         if self.val_x is not None:
             result = {
@@ -332,13 +429,16 @@ class Trainer:
                       "baseline_psnr": float(base_fit[0].mean()), "baseline_ssim": float("nan")}
         result["residual"] = float(model_fit[1].mean())
         result["baseline_residual"] = float(base_fit[1].mean())
+        if self.config.jacobian.monitor_every and fixed_points:
+            result["spectral_radius"] = float(self.spectral_radius(*fixed_points[0], step=self.step).max())
         first = self.val_x[:1] if self.val_x is not None else x_hat[:1]
         result["equivariance_error"] = equivariance_error(lambda y: self.model(y, self.physics), self.physics,
                                                           first, angles=[37.0])
         self._pending_solves.clear()
         self.last_validation = result
         self._write_metrics({"validation": result})
-        self.observers.emit(ValidationFinished(**{k: result[k] for k in ValidationFinished.__dataclass_fields__}))
+        self.observers.emit(ValidationFinished(**{k: result[k] for k in ValidationFinished.__dataclass_fields__
+                                                  if k in result}))
         if self.observers.active:
             mask = getattr(self.physics, "mask", None)
             self.observers.emit(Snapshot(
@@ -365,6 +465,7 @@ class Trainer:
             optimizer_state=self.optimizer.state_dict(),
             scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
             metrics={"ei_weight": self.loss.alpha if self.loss.alpha is not None else float("nan"),
+                     "jacobian_weight": float(self.penalty.weight),
                      **{k: v for k, v in self.last_validation.items() if isinstance(v, float)}},
             rng_state=capture_rng_state(),
             physics=describe(self.config.physics),
@@ -403,4 +504,7 @@ class Trainer:
         alpha = ckpt.metrics.get("ei_weight")
         if self.loss.mode == "ei" and alpha is not None and math.isfinite(alpha):
             self.loss.alpha = float(alpha)
+        weight = ckpt.metrics.get("jacobian_weight")  # the safeguard may have raised it
+        if weight is not None and math.isfinite(weight):
+            self.penalty.weight = float(weight)
         self.last_checkpoint = Path(path)
