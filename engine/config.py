@@ -66,6 +66,8 @@ class ModelConfig:
     norm: str = _f("group", choices=("group", "none"), doc="normalisation inside the denoiser")
     spectral_norm: bool = _f(True, doc="spectrally normalise every convolution")
     lipschitz: float = _f(0.95, min=0.05, max=1.0, doc="output scale bound of the denoiser")
+    noise_level: bool = _f(False, doc="condition the denoiser on a noise-level map (DRUNet-style; the DEQ gives it "
+                                      "deq.sigma); resunet only")
     weights: str = _f("", doc="local weights file for the denoiser ('' = the shipped pretrained one if it fits, else random)")
 
 
@@ -79,6 +81,9 @@ class DEQConfig:
     gradient: str = _f("implicit", choices=("implicit", "jfb", "unrolled"), doc="how gradients cross the solve")
     unrolled_iterations: int = _f(20, min=1, max=1000, doc="iterations of the network when gradient = unrolled "
                                                            "(in training and at test time)")
+    sigma: float = _f(0.03, min=1e-4, max=1.0, doc="noise level given to a noise-level-conditioned denoiser: "
+                                                   "the DEQ's regularisation strength")
+    learn_sigma: bool = _f(True, doc="train deq.sigma with the denoiser (log-parametrised)")
     relaxation: float = _f(1.0, min=0.01, max=1.0,
                            doc="weight a of the relaxed map x <- a F(x) + (1 - a) x (same fixed points; 1 = plain F)")
 
@@ -116,6 +121,8 @@ class LossConfig:
     transform: str = _f("rotate", choices=("rotate", "rotate90", "shift", "flip"), doc="EI group action")
     n_transforms: int = _f(1, min=1, max=16, doc="transforms sampled per step")
     ei_apply_noise: bool = _f(True, doc="simulate noise on A T_g x in the EI term")
+    mc_noise_floor: bool = _f(False, doc="Gaussian noise: MC counts only the residual above sigma^2 "
+                                         "(discrepancy principle; stops MC fitting the noise)")
 
 
 @dataclass

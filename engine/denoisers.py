@@ -39,8 +39,15 @@ Caveats, stated where they apply:
   (its Jacobian scales like ``1 / sqrt(var + eps)``); with it the bound above
   does not hold, only the empirical estimate of :mod:`engine.lipschitz` does.
 
-Both denoisers follow the deepinv convention ``forward(x, sigma=None)``
-(``sigma`` is accepted and ignored), so ``deepinv.optim.PnP(denoiser)`` works.
+Both denoisers follow the deepinv convention ``forward(x, sigma=None)``, so
+``deepinv.optim.PnP(denoiser)`` works. A blind network ignores ``sigma``; with
+``noise_level_input=True`` (:class:`ResUNet`) it is *conditioned* on it, as
+DRUNet is: a constant map ``sigma`` is an extra input channel. A blind
+denoiser, used as a PnP/DEQ prior, judges the noise from its input, and at a
+fixed point its input looks nearly clean, so it barely regularises (streaks
+that look like structure survive); a conditioned one applies the strength it
+is told, which makes ``sigma`` the DEQ's regularisation parameter
+(``deq.sigma``, learnable), playing the part of TV's ``lambda``.
 """
 
 from __future__ import annotations
@@ -357,13 +364,27 @@ class _AveragedDenoiser(nn.Module):
         """
         return self.lipschitz if self.spectral_norm and self.norm == "none" else math.inf
 
-    def residual(self, x: torch.Tensor) -> torch.Tensor:  # U(x)
+    noise_level_input = False
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:  # U(x), or U([x, sigma map]) when conditioned
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, sigma=None, **kwargs) -> torch.Tensor:
-        """``D(x) = lipschitz * (x + U(x)) / 2``; ``sigma`` and extra keywords are ignored."""
+        """``D(x) = lipschitz * (x + U(x)) / 2``; ``sigma`` is used only by a noise-level-conditioned network."""
         _check_input(x, self.in_channels, type(self).__name__)
+        if self.noise_level_input:
+            return self.lipschitz * 0.5 * (x + self.residual(torch.cat([x, noise_level_map(sigma, x)], dim=1)))
         return self.lipschitz * 0.5 * (x + self.residual(x))
+
+
+def noise_level_map(sigma, like: torch.Tensor) -> torch.Tensor:
+    """``[B, 1, H, W]`` constant map of ``sigma`` (a float, or one value per sample) shaped like ``like``."""
+    if sigma is None:
+        raise ValueError("this denoiser is conditioned on the noise level: call it as denoiser(x, sigma)")
+    level = torch.as_tensor(sigma, dtype=like.dtype, device=like.device)
+    if level.dim() > 0:
+        level = level.reshape(-1, 1, 1, 1)
+    return level.expand(like.shape[0], 1, *like.shape[-2:])
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,18 +428,19 @@ class ResUNet(_AveragedDenoiser):
 
     def __init__(self, in_channels: int = 1, channels: int = 32, depth: int = 2, norm: str = "group",
                  spectral_norm: bool = True, lipschitz: float = 0.95,
-                 sn_init_iters: int = SPECTRAL_NORM_INIT_ITERS):
+                 sn_init_iters: int = SPECTRAL_NORM_INIT_ITERS, noise_level_input: bool = False):
         super().__init__(in_channels, lipschitz, spectral_norm, norm)
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
         _norm_layer(norm, 8)  # validate early
         self.depth = depth
+        self.noise_level_input = bool(noise_level_input)
         widths = [min(channels * 2 ** level, channels * 8) for level in range(depth + 1)]
         self.widths = widths
         block = lambda ch: _ResBlock(ch, norm, spectral_norm, sn_init_iters)
         conv = lambda a, b: _conv3x3(a, b, spectral_norm, sn_init_iters)
 
-        self.head = conv(in_channels, widths[0])
+        self.head = conv(in_channels + int(self.noise_level_input), widths[0])
         self.encoders = nn.ModuleList(block(widths[l]) for l in range(depth))
         self.downs = nn.ModuleList(conv(widths[l], widths[l + 1]) for l in range(depth))
         self.bottleneck = block(widths[depth])
@@ -428,6 +450,7 @@ class ResUNet(_AveragedDenoiser):
         self.tail = conv(widths[0], in_channels)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
+        """``U`` of the (padded) input; with noise-level input, ``x`` carries the sigma map as its last channel."""
         height, width = x.shape[-2:]
         multiple = 2 ** self.depth
         pad_h, pad_w = (-height) % multiple, (-width) % multiple
@@ -491,8 +514,10 @@ def build_denoiser(model_cfg, in_channels: int, *, load_weights: bool = False) -
                   spectral_norm=model_cfg.spectral_norm, lipschitz=model_cfg.lipschitz,
                   sn_init_iters=sn_init_iters)
     if model_cfg.denoiser == "resunet":
-        net = ResUNet(depth=model_cfg.depth, **common)
+        net = ResUNet(depth=model_cfg.depth, noise_level_input=model_cfg.noise_level, **common)
     elif model_cfg.denoiser == "dncnn":
+        if model_cfg.noise_level:
+            raise ConfigError("model.noise_level = true needs model.denoiser = 'resunet'")
         net = DnCNN(depth=3 * model_cfg.depth, **common)
     else:
         raise ConfigError(f"model.denoiser must be 'resunet' or 'dncnn', got {model_cfg.denoiser!r}")

@@ -46,6 +46,7 @@ Gradient modes (``gradient=``):
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, Optional
 
@@ -54,10 +55,15 @@ from torch import nn
 
 from engine.data_fidelity import build_fidelity
 from engine.events import RunControl
+from engine.lipschitz import jacobian_spectral_radius
 from engine.physics import baseline
 from engine.solvers import SolverOptions, SolveStats, solve
 
 GRADIENT_MODES = ("implicit", "jfb", "unrolled")
+
+#: Arnoldi budget (JVPs) and relative tolerance of the spectral-radius monitor: a cheap estimate
+RADIUS_ITERS = 30
+RADIUS_TOL = 1e-3
 OPERATORS = ("pgd", "hqs")
 
 SolveCallback = Callable[[str, SolveStats], None]
@@ -75,7 +81,7 @@ class FixedPointOperator(nn.Module):
     """
 
     def __init__(self, denoiser: nn.Module, kind: str = "pgd", stepsize: float = 1.0, fidelity: str = "l2",
-                 relaxation: float = 1.0):
+                 relaxation: float = 1.0, sigma: float = 0.03, learn_sigma: bool = True):
         super().__init__()
         if kind not in OPERATORS:
             raise ValueError(f"unknown fixed-point operator '{kind}' (known: {', '.join(OPERATORS)})")
@@ -88,6 +94,18 @@ class FixedPointOperator(nn.Module):
         self.stepsize = stepsize
         self.relaxation = float(relaxation)
         self.fidelity = build_fidelity(fidelity)
+        if getattr(denoiser, "noise_level_input", False):
+            # the regularisation strength of a conditioned denoiser, kept positive by its log
+            if not sigma > 0:
+                raise ValueError(f"sigma must be > 0, got {sigma}")
+            self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma)), requires_grad=learn_sigma)
+        else:
+            self.log_sigma = None
+
+    @property
+    def sigma(self) -> Optional[torch.Tensor]:
+        """The noise level handed to a conditioned denoiser (None for a blind one)."""
+        return None if self.log_sigma is None else self.log_sigma.exp()
 
     def data_step(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
         if self.kind == "pgd":
@@ -97,7 +115,7 @@ class FixedPointOperator(nn.Module):
 
     def unrelaxed(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
         """``D(step(x))``, the map before relaxation (its Jacobian is what the penalty bounds)."""
-        return self.denoiser(self.data_step(x, y, physics))
+        return self.denoiser(self.data_step(x, y, physics), self.sigma)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
         out = self.unrelaxed(x, y, physics)
@@ -151,6 +169,17 @@ class DEQReconstructor(nn.Module):
         if relaxed:
             return lambda x: self.operator(x, y, physics)
         return lambda x: self.operator.unrelaxed(x, y, physics)
+
+    def spectral_radius(self, y: torch.Tensor, physics, x_star: torch.Tensor, iters: int = RADIUS_ITERS,
+                        tol: float = RADIUS_TOL, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Per-sample spectral radius of the iterated (relaxed) map's Jacobian at ``x_star`` (float64, ``[B]``).
+
+        Below 1 the fixed-point iteration converges locally; it is a cheap
+        Arnoldi estimate (:func:`engine.lipschitz.jacobian_spectral_radius`,
+        ``iters`` JVPs at most), accurate to a few per cent.
+        """
+        return jacobian_spectral_radius(self.fixed_point_map(y, physics), x_star, iters=iters, tol=tol,
+                                        generator=generator, per_sample=True)
 
     def initial(self, y: torch.Tensor, physics) -> torch.Tensor:
         return baseline(physics, y)

@@ -212,8 +212,13 @@ class LoadedModel:
         return np.asarray(list(angles), dtype=float), np.asarray(errors)
 
     @torch.no_grad()
-    def evaluate(self, images: np.ndarray, angles: Optional[Sequence[float]] = None, seed: int = 0) -> dict:
-        """PSNR/SSIM of the model and of ``A^dagger y`` (mean and per image) and equivariance errors."""
+    def evaluate(self, images: np.ndarray, angles: Optional[Sequence[float]] = None, seed: int = 0,
+                 equivariance_images: Optional[int] = None) -> dict:
+        """PSNR/SSIM of the model and of ``A^dagger y`` (mean and per image) and equivariance errors.
+
+        The equivariance errors cost a reconstruction per angle; ``equivariance_images``
+        limits them to the first images (default: all).
+        """
         x = self.images_to_tensor(images)
         y = self.simulate(x, seed)
         x_hat = self.reconstruct_measurements(y)
@@ -229,7 +234,7 @@ class LoadedModel:
             "baseline": {"psnr": float(base_psnr.mean()), "ssim": float(base_ssim.mean()),
                          "psnr_per_image": base_psnr.tolist(), "ssim_per_image": base_ssim.tolist(),
                          "method": "FBP" if self.modality == "ct" else "zero-filled"},
-            "equivariance_error": equivariance_error(recon, self.physics, x, angles),
+            "equivariance_error": equivariance_error(recon, self.physics, x[:equivariance_images], angles),
             "operator_equivariance_error": operator_equivariance_error(self.model, self.physics, x[:EVALUATION_CHUNK],
                                                                        angles),
             "angles": angles,

@@ -11,6 +11,15 @@ All terms are deepinv loss classes, called on our DEQ through deepinv's
 
 Self-supervised total: ``MC + alpha * EI``.
 
+**MC at the noise floor (discrepancy principle).** With Gaussian noise of known
+``sigma`` the residual of the *true* image is noise, ``E ||A x - y||^2 / m = sigma^2``;
+driving MC below that fits the noise (measured on the 30-view head CT: MC fell to
+0.8 sigma^2 within 30 steps while SSIM fell from 0.89 to 0.75). With
+``loss.mc_noise_floor = true`` the MC term in the total is
+``max(MC - sigma^2, 0)`` per sample (Morozov's discrepancy principle), so MC
+pulls towards the data only until the residual is at noise level and EI
+steers the rest. The logged ``mc`` is the plain MC value.
+
 **Choosing alpha ("auto").** The paper's alpha (100 for CT, 1 for MRI)
 presumes its own operator scaling. With deepinv's normalised ``Tomography``
 (``||A|| = 1``) we measured alpha = 100 giving an EI gradient ~15x the MC
@@ -66,8 +75,10 @@ class LossTerms:
 class TrainingLoss:
     """The configured objective; ``alpha`` may be set later (auto balancing)."""
 
-    def __init__(self, cfg: LossConfig):
+    def __init__(self, cfg: LossConfig, noise_floor: float = 0.0):
+        """``noise_floor``: the per-entry noise variance MC stops at (``sigma^2``; 0 = plain MC)."""
         self.cfg = cfg
+        self.noise_floor = float(noise_floor)
         self.mode = cfg.mode
         self.mc = dinv.loss.MCLoss()
         self.ei = dinv.loss.EILoss(transform=build_transform(cfg), apply_noise=cfg.ei_apply_noise)
@@ -93,15 +104,22 @@ class TrainingLoss:
             if x is None:
                 raise ValueError("supervised loss needs ground truth")
             return {"supervised": self.sup(x_net=x_net, x=x).mean()}
-        terms = {"mc": self.mc(y=y, x_net=x_net, physics=physics).mean()}
+        mc = self.mc(y=y, x_net=x_net, physics=physics)
+        terms = {"mc": mc.mean()}
+        if self.noise_floor > 0:  # what the total uses: the residual above noise level
+            terms["mc_above_noise"] = torch.clamp(mc - self.noise_floor, min=0).mean()
         if self.mode == "ei":
             terms["ei"] = self.ei(x_net=x_net, physics=physics, model=model).mean()
         return terms
 
     def __call__(self, model, y: torch.Tensor, physics, x: Optional[torch.Tensor] = None) -> LossTerms:
         terms = self.terms(model, y, physics, x)
-        total = sum(self.weight(name) * value for name, value in terms.items())
+        total = sum(self.weight(name) * value for name, value in self.objective_terms(terms).items())
         return LossTerms(terms=terms, total=total)
+
+    def objective_terms(self, terms: dict) -> dict:
+        """The terms the total is made of (with a noise floor, ``mc_above_noise`` replaces ``mc``)."""
+        return {k: v for k, v in terms.items() if not (k == "mc" and "mc_above_noise" in terms)}
 
     def weight(self, name: str) -> float:
         if name == "ei":
@@ -114,6 +132,7 @@ class TrainingLoss:
         """Set alpha from the gradient norms of MC and EI on one batch (``ei_weight = "auto"``)."""
         parameters = [p for p in parameters if p.requires_grad]
         terms = self.terms(model, y, physics)
+        # balanced against the plain MC gradient, also with a noise floor (near the floor its gradient vanishes)
         grad_mc = torch.autograd.grad(terms["mc"], parameters, retain_graph=True, allow_unused=True)
         grad_ei = torch.autograd.grad(terms["ei"], parameters, allow_unused=True)
         norm = lambda grads: torch.sqrt(sum((g.double() ** 2).sum() for g in grads if g is not None))

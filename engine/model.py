@@ -54,7 +54,8 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
             load_denoiser_weights(denoiser, weights)
     fidelity = resolve_fidelity(config.deq.data_fidelity, config.physics.modality, config.deq.operator)
     operator = FixedPointOperator(denoiser, config.deq.operator, config.deq.stepsize, fidelity,
-                                  relaxation=config.deq.relaxation)
+                                  relaxation=config.deq.relaxation, sigma=config.deq.sigma,
+                                  learn_sigma=config.deq.learn_sigma)
     model = DEQReconstructor(
         operator,
         forward_solver=SolverOptions.from_config(config.solver),

@@ -52,7 +52,6 @@ from engine.data.measurements import load_measurement_data, measurement_metrics,
 from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
                            RunStarted, Snapshot, StabilityChecked, StepFinished, ValidationFinished)
-from engine.lipschitz import jacobian_spectral_radius
 from engine.losses import TrainingLoss
 from engine.metrics import equivariance_error, psnr, ssim
 from engine.model import build_model, resolve_device
@@ -66,9 +65,6 @@ SIMULATION_CHUNK = 16
 #: the safeguard raises a zero (or tiny) Jacobian penalty weight to at least this
 MIN_SAFEGUARD_PENALTY = 1e-2
 
-#: Arnoldi budget of the spectral-radius monitor (JVPs) and its relative tolerance: a cheap estimate
-RADIUS_ITERS = 30
-RADIUS_TOL = 1e-3
 
 
 def seed_for_step(seed: int, step: int) -> int:
@@ -150,7 +146,8 @@ class Trainer:
         self._fixed_points: list[tuple[torch.Tensor, torch.Tensor]] = []
         # weights and optimiser state at the last spectral-radius check that passed (for rollback)
         self._good_state: Optional[tuple[int, dict, dict]] = None
-        self.loss = TrainingLoss(cfg.loss)
+        gaussian = cfg.physics.noise == "gaussian" and cfg.loss.mc_noise_floor
+        self.loss = TrainingLoss(cfg.loss, noise_floor=cfg.physics.noise_sigma ** 2 if gaussian else 0.0)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         self.scheduler = self._make_scheduler()
@@ -366,8 +363,7 @@ class Trainer:
         """Per-sample spectral radius of the iterated map's Jacobian at ``x_star`` (first ``jacobian.samples``)."""
         n = self.config.jacobian.samples
         generator = torch.Generator(device=x_star.device).manual_seed(seed_for_step(self.config.run.seed, step) + 2)
-        return jacobian_spectral_radius(self.model.fixed_point_map(y[:n], self.physics), x_star[:n],
-                                        iters=RADIUS_ITERS, tol=RADIUS_TOL, generator=generator, per_sample=True)
+        return self.model.spectral_radius(y[:n], self.physics, x_star[:n], generator=generator)
 
     def _check_stability(self, y_fp: torch.Tensor, x_fp: torch.Tensor, step: int) -> dict:
         """Estimate the spectral radius at this step's fixed points; act when it is above the limit."""
