@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine.config import ExperimentConfig
-from engine.events import StepFinished, ValidationFinished
+from engine.events import StabilityChecked, StepFinished, ValidationFinished
 from test_workbench_fakes import snapshot_event, solve_event
 
 
@@ -57,6 +57,30 @@ def test_residuals_panel_plots_traces_iterations_and_problems(qtbot):
     x2, y2 = [c for c in panel.curves["forward"] if c.isVisible()][-1].getData()
     np.testing.assert_allclose(10 ** y2, worst_trace(events[5].abs_residuals), rtol=1e-6)
     assert not panel.tol_lines["forward"].isVisible()
+
+
+def test_residuals_panel_plots_the_spectral_radius_and_safeguard_actions(qtbot):
+    from workbench.panels.residuals import ResidualsPanel
+
+    panel = ResidualsPanel()
+    qtbot.addWidget(panel)
+    assert panel.radius_plot.titleLabel.text == "Spectral radius of dF/dx"
+    radii = [(10, 0.91, "none"), (20, 1.08, "strengthened"), (30, 0.97, "none"), (40, 1.02, "rolled_back")]
+    for step, rho, action in radii:
+        panel.add_stability(StabilityChecked(step=step, spectral_radius=rho, limit=1.0, penalty_weight=0.01,
+                                             action=action))
+    panel.refresh()
+    x, y = panel.radius_curve.getData()
+    np.testing.assert_array_equal(x, [10, 20, 30, 40])
+    np.testing.assert_allclose(y, [0.91, 1.08, 0.97, 1.02])
+    marked = panel.radius_acted_scatter.getData()
+    np.testing.assert_array_equal(marked[0], [20, 40])  # where the safeguard acted
+    assert panel.radius_limit_line.isVisible() and panel.radius_limit_line.value() == pytest.approx(1.0)
+    assert "1.020, not contractive" in panel.radius_plot.titleLabel.text
+    panel.clear()
+    cleared = panel.radius_curve.getData()[0]
+    assert cleared is None or len(cleared) == 0
+    assert not panel.radius_limit_line.isVisible()
 
 
 # -- losses ------------------------------------------------------------------------------

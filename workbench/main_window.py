@@ -24,7 +24,7 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QP
 from engine.config import ExperimentConfig, load_config, save_config
 from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, RunFailed, RunFinished, RunStarted, Snapshot,
-                           SolveFinished, StepFinished, ValidationFinished)
+                           SolveFinished, StabilityChecked, StepFinished, ValidationFinished)
 from workbench import backend
 from workbench.dialogs.errors import ErrorDialogs, ask_yes_no
 from workbench.dialogs.settings import SettingsPanel
@@ -415,6 +415,8 @@ class MainWindow(QMainWindow):
                                       f"({ev.seconds:.2f} s/step)")
         elif isinstance(ev, ValidationFinished):
             self.losses.add_validation(ev)
+        elif isinstance(ev, StabilityChecked):
+            self.residuals.add_stability(ev)
         elif isinstance(ev, Snapshot):
             self.reconstructions.add_event(ev)
         elif isinstance(ev, RunStarted):

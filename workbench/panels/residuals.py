@@ -1,8 +1,12 @@
-"""Solver residuals: per-solve residual traces, tolerance, iterations over training, problems.
+"""Solver residuals: per-solve residual traces, tolerance, iterations over training, problems,
+and the spectral radius of dF/dx at the fixed point over training.
 
 A solve's trace is the residual of its *worst* sample per iteration (the
 largest finite value across the batch, NaN-padded samples ignored): that is
-the curve that decides when the batched solve ends.
+the curve that decides when the batched solve ends. The spectral radius
+(``StabilityChecked`` events) decides whether the fixed-point iteration
+converges at all (below 1) and how fast; the limit line is the trainer's
+safeguard threshold, and red marks are the steps where the safeguard acted.
 """
 
 from __future__ import annotations
@@ -82,6 +86,10 @@ class ResidualsModel:
         self.problems: list[SolveRecord] = []
         self.last_step = 0
         self.tolerance: dict = {}
+        self.radius_x: list[int] = []
+        self.radius_y: list[float] = []
+        self.radius_acted: list[bool] = []
+        self.radius_limit = float("nan")
         self.version = 0
 
     def clear(self) -> None:
@@ -120,6 +128,21 @@ class ResidualsModel:
             del self.problems[:-MAX_PROBLEMS]
         self.version += 1
         return rec
+
+    def add_stability(self, event) -> None:
+        """A ``StabilityChecked`` event: one spectral-radius estimate (and what the safeguard did)."""
+        self.radius_x.append(int(event.step))
+        self.radius_y.append(float(event.spectral_radius))
+        self.radius_acted.append(str(event.action) != "none")
+        self.radius_limit = float(event.limit)
+        self.version += 1
+
+    def radius_title(self) -> str:
+        if not self.radius_y:
+            return "Spectral radius of dF/dx"
+        last = self.radius_y[-1]
+        state = "contractive" if last < 1 else "not contractive"
+        return f"Spectral radius of dF/dx ({last:.3f}, {state})"
 
     def reason_summary(self) -> str:
         parts = []
@@ -186,7 +209,7 @@ class ResidualsPanel(QWidget):
             line.setVisible(False)
             p.addItem(line, ignoreBounds=True)
             self.tol_lines[d] = line
-        it = self.glw.addPlot(row=1, col=0, colspan=2, title="Iterations per solve")
+        it = self.glw.addPlot(row=1, col=0, title="Iterations per solve")
         it.setLabel("bottom", "training step")
         it.setLabel("left", "iterations")
         it.showGrid(x=True, y=True, alpha=0.3)
@@ -200,6 +223,23 @@ class ResidualsPanel(QWidget):
         self.iter_problem_scatter = pg.ScatterPlotItem(size=9, brush=pg.mkBrush(*_PROBLEM), pen=None,
                                                        symbol="x")
         it.addItem(self.iter_problem_scatter)
+        rp = self.glw.addPlot(row=1, col=1, title="Spectral radius of dF/dx")
+        rp.setLabel("bottom", "training step")
+        rp.setLabel("left", "rho at x*")
+        rp.showGrid(x=True, y=True, alpha=0.3)
+        rp.setToolTip("Power-iteration (Arnoldi) estimate of the spectral radius of the fixed-point map's "
+                      "Jacobian at the training fixed points: below 1 the iteration converges locally. "
+                      "Dashed: the safeguard's limit; red: the safeguard raised the Jacobian penalty or rolled back.")
+        self.radius_plot = rp
+        self.radius_curve = rp.plot([], [], pen=pg.mkPen((44, 160, 44), width=1.5), symbol="o", symbolSize=4,
+                                    symbolBrush=(44, 160, 44), symbolPen=None)
+        self.radius_acted_scatter = pg.ScatterPlotItem(size=10, brush=pg.mkBrush(*_PROBLEM), pen=None, symbol="t")
+        rp.addItem(self.radius_acted_scatter)
+        self.radius_limit_line = pg.InfiniteLine(angle=0, movable=False,
+                                                 pen=pg.mkPen(_PROBLEM, width=1.2, style=Qt.PenStyle.DashLine),
+                                                 label="limit", labelOpts={"position": 0.95, "color": _PROBLEM})
+        self.radius_limit_line.setVisible(False)
+        rp.addItem(self.radius_limit_line, ignoreBounds=False)
 
         self.table = QTableWidget(0, 6)
         self.table.setHorizontalHeaderLabels(["step", "direction", "reason", "iterations", "final res.", "solver"])
@@ -230,6 +270,9 @@ class ResidualsPanel(QWidget):
     # -- events --------------------------------------------------------------------------
     def add_event(self, event) -> None:
         self.model.add(event)
+
+    def add_stability(self, event) -> None:
+        self.model.add_stability(event)
 
     def clear(self) -> None:
         self.model.clear()
@@ -314,6 +357,15 @@ class ResidualsPanel(QWidget):
                     px.append(x)
                     py.append(y)
         self.iter_problem_scatter.setData(px, py)
+        m = self.model
+        self.radius_curve.setData(np.asarray(m.radius_x, dtype=np.float64), np.asarray(m.radius_y, dtype=np.float64),
+                                  connect="finite")
+        acted = [(x, y) for x, y, a in zip(m.radius_x, m.radius_y, m.radius_acted) if a]
+        self.radius_acted_scatter.setData([a[0] for a in acted], [a[1] for a in acted])
+        if np.isfinite(m.radius_limit):
+            self.radius_limit_line.setPos(m.radius_limit)
+        self.radius_limit_line.setVisible(bool(np.isfinite(m.radius_limit)))
+        self.radius_plot.setTitle(m.radius_title())
         self.summary.setText(self.model.reason_summary())
         self._fill_table()
 
