@@ -286,11 +286,15 @@ def cmd_check_gradients(args) -> int:
 
 def cmd_pretrain(args) -> int:
     from engine.physics import image_channels
-    from engine.pretrain import main_pretrain
+    from engine.pretrain import PretrainSettings, main_pretrain
 
     config = _config_with_overrides(args.config, args.set)
-    main_pretrain(config.model, image_channels(config.physics), Path(args.output), steps=args.steps,
-                  size=args.size, seed=args.seed)
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    settings = PretrainSettings(sources=sources, steps=args.steps, image_size=args.image_size, patch=args.size,
+                                batch=args.batch, sigma_max=args.sigma_max, lr=args.lr, seed=args.seed,
+                                jacobian_weight=args.jacobian_weight, jacobian_target=args.jacobian_target,
+                                jacobian_every=args.jacobian_every)
+    main_pretrain(config.model, image_channels(config.physics), Path(args.output), settings)
     return 0
 
 
@@ -347,11 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CT data step checked (default ramp, as the shipped configs)")
     p.set_defaults(func=cmd_check_gradients)
 
-    p = sub.add_parser("pretrain", help="pre-train the config's denoiser as a Gaussian denoiser on phantoms")
+    p = sub.add_parser("pretrain", help="pre-train the config's denoiser as a blind Gaussian denoiser "
+                                        "(phantoms, training slices of the shipped scans, natural images)")
     p.add_argument("--config", help="config file or built-in name (its model and modality are used)")
     p.add_argument("--output", required=True, help="weights file (.pt or .safetensors)")
+    p.add_argument("--sources", default="phantoms",
+                   help="comma-separated: phantoms, head_ct, colin27, natural (training slices only; default phantoms)")
     p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--size", type=int, default=64, help="training patch side (default 64)")
+    p.add_argument("--image-size", type=int, default=128,
+                   help="resolution the scans are prepared at before cropping: the DEQ's (default 128)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--sigma-max", type=float, default=0.2, help="noise levels drawn from U(0, sigma-max)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--jacobian-weight", type=float, default=0.0,
+                   help="weight of the Jacobian spectral-norm penalty (0 = unconstrained)")
+    p.add_argument("--jacobian-target", type=float, default=0.95, help="norm the penalty pushes below")
+    p.add_argument("--jacobian-every", type=int, default=1, help="apply the penalty every N steps (default 1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=cmd_pretrain)

@@ -222,10 +222,11 @@ def pretrain_denoiser(model_cfg: ModelConfig, in_channels: int, settings: Pretra
         x = sampler.batch(settings.batch)
         sigma = torch.rand(settings.batch, 1, 1, 1) * settings.sigma_max
         noisy = x + sigma * torch.randn_like(x)
-        mse = ((denoiser(noisy) - x) ** 2).mean()
+        mse = ((denoiser(noisy, sigma) - x) ** 2).mean()
         total, record = mse, {"mse": float(mse.detach())}
         if penalty.active and step % settings.jacobian_every == 0:
-            value, norms = penalty(denoiser, noisy)
+            n = penalty.samples
+            value, norms = penalty(lambda z: denoiser(z, sigma[:n]), noisy[:n], generator)
             total = total + value
             record["jacobian_norm"] = float(norms.max())
         optimizer.zero_grad(set_to_none=True)
@@ -249,11 +250,12 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def denoising_psnr_on(denoiser: torch.nn.Module, clean: torch.Tensor, sigma: float, seed: int = 12345) -> tuple[float, float]:
+def denoising_psnr_on(denoiser: torch.nn.Module, clean: torch.Tensor, sigma: float,
+                      seed: int = 12345) -> tuple[float, float]:
     """(noisy PSNR, denoised PSNR) in dB of ``denoiser`` on ``clean`` ``[B, C, H, W]`` at noise ``sigma``."""
     generator = torch.Generator().manual_seed(seed)
     noisy = clean + sigma * torch.randn(clean.shape, generator=generator)
-    return _psnr(noisy, clean), _psnr(denoiser(noisy), clean)
+    return _psnr(noisy, clean), _psnr(denoiser(noisy, sigma), clean)
 
 
 def denoising_test_images(in_channels: int, size: int = 128, n_phantoms: int = 16) -> tuple[str, torch.Tensor]:
@@ -263,11 +265,11 @@ def denoising_test_images(in_channels: int, size: int = 128, n_phantoms: int = 1
     channel, Colin27 for two, real-valued as the simulated MRI data is);
     phantoms with fresh seeds when that scan is not installed.
     """
-    source = "head_ct" if in_channels == 1 else "colin27"
-    try:
+    source, finder = ("head_ct", invesalius_head_ct_path) if in_channels == 1 else ("colin27", colin27_t1_path)
+    if finder() is not None:
         images = source_slices(source, size, which="test")
         label = f"{source} test slices ({len(images)})"
-    except ConfigError:
+    else:
         images = phantom_batch("ellipses", n_phantoms, size, seed=987_654)
         label = f"{n_phantoms} fresh phantoms ({source} not installed)"
     x = torch.from_numpy(np.ascontiguousarray(images))[:, None]
@@ -291,7 +293,8 @@ def main_pretrain(model_cfg: ModelConfig, in_channels: int, output: Path, settin
     def progress(step: int, record: dict) -> None:
         if step % every == 0 or step == settings.steps:
             extra = f"  ||J|| {record['jacobian_norm']:.3f}" if "jacobian_norm" in record else ""
-            echo(f"step {step}/{settings.steps}  mse {record['mse']:.5f}{extra}  ({time.perf_counter() - started:.0f} s)")
+            elapsed = time.perf_counter() - started
+            echo(f"step {step}/{settings.steps}  mse {record['mse']:.5f}{extra}  ({elapsed:.0f} s)")
 
     denoiser = pretrain_denoiser(model_cfg, in_channels, settings, progress=progress)
     table = denoising_table(denoiser, in_channels, settings.image_size)
