@@ -4,7 +4,8 @@ Public API (everything a caller needs; the format modules are implementation):
 
 * phantoms: :func:`random_ellipses`, :func:`shepp_logan`, :func:`phantom_batch`
 * scans: :class:`Scan`, :func:`load_scan`, :func:`list_series` (+ :class:`SeriesInfo`),
-  :data:`MAX_VOXELS`, :data:`SUPPORTED_SUFFIXES`
+  :data:`MAX_SCAN_BYTES` (memory per file; ``EQUIDEQ_MAX_SCAN_BYTES`` replaces it, see
+  ``docs/limits.md``), :data:`MAX_VOXELS`, :data:`SUPPORTED_SUFFIXES`
 * intensity: :func:`window`, :data:`CT_WINDOWS`, :data:`AUTO_CT_WINDOW`,
   :func:`normalise_magnitude`, :func:`to_square`, :func:`resize`, :func:`prepare_slices`
 * datasets: :func:`slice_range`, :func:`load_training_images`
@@ -31,11 +32,13 @@ from engine.data.intensity import (
 )
 from engine.data.phantoms import PHANTOM_KINDS, phantom_batch, random_ellipses, shepp_logan
 from engine.data.real_data import colin27_t1_path, invesalius_head_ct_path, pydicom_test_file
-from engine.data.scans import MAX_VOXELS, SUPPORTED_SUFFIXES, Scan, load_scan
+from engine.data.scans import MAX_SCAN_BYTES, MAX_SCAN_BYTES_ENV, MAX_VOXELS, SUPPORTED_SUFFIXES, Scan, load_scan
 
 __all__ = [
     "AUTO_CT_WINDOW",
     "CT_WINDOWS",
+    "MAX_SCAN_BYTES",
+    "MAX_SCAN_BYTES_ENV",
     "MAX_VOXELS",
     "PHANTOM_KINDS",
     "SUPPORTED_SUFFIXES",

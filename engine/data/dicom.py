@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.data.scans import MAX_VOXELS, Scan, check_finite, check_voxels, display_name
+from engine.data.scans import Scan, ScanBudget, ScanLimits, check_finite, display_name
 from engine.errors import ScanError
 
 __all__ = [
@@ -210,7 +210,7 @@ def _fg_item(ds, frame: Optional[int], item_name: str):
     return None
 
 
-def _rescale(ds, n_frames: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
+def _rescale(ds, n_frames: int, name: str) -> tuple[np.ndarray, np.ndarray, bool, str]:
     """Per-frame (slopes, intercepts, found, rescale_type) from top level / functional groups."""
     slope = np.ones(n_frames)
     intercept = np.zeros(n_frames)
@@ -236,7 +236,10 @@ def _rescale(ds, n_frames: int) -> tuple[np.ndarray, np.ndarray, bool, str]:
                 found = True
             rtype = _as_str(_safe_get(item, "RescaleType")) or rtype
     if not (np.isfinite(slope).all() and np.isfinite(intercept).all()):
-        raise ScanError("RescaleSlope/RescaleIntercept are not finite numbers")
+        bad = [f"RescaleSlope {v:g}" for v in np.unique(slope[~np.isfinite(slope)])]
+        bad += [f"RescaleIntercept {v:g}" for v in np.unique(intercept[~np.isfinite(intercept)])]
+        verb = "is not a finite number" if len(bad) == 1 else "are not finite numbers"
+        raise ScanError(f"{name}: {', '.join(bad)} {verb}; cannot rescale the pixel values")
     return slope, intercept, found, rtype
 
 
@@ -278,8 +281,59 @@ def _codec_hint(ts) -> str:
     return _CODEC_HINTS["other"]
 
 
-def _decode(ds, path: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
-    """Decoded, rescaled frames as float32 [frames, H, W] plus geometry/units info."""
+#: Bytes one decoded sample takes in pydicom's pixel array, by BitsAllocated (1-bit data is unpacked).
+_DECODED_ITEMSIZE = {1: 1, 8: 1, 16: 2, 32: 4, 64: 8}
+
+#: ITU-R BT.601 luma weights for colour images.
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+def _pixel_budget(ds, path: Path, budget: ScanBudget, frames: int, rows: int, cols: int, spp: int) -> None:
+    """Count what decoding ``ds`` allocates: pydicom's array, its colour conversion, the float32
+    result and one frame in float64."""
+    decoded = _DECODED_ITEMSIZE.get(_int(_safe_get(ds, "BitsAllocated"), 0), 8)
+    colour = spp * (4 + decoded) if spp > 1 else 0  # pydicom's YBR -> RGB goes through float32
+    one_frame = rows * cols * 8 * (spp + 2)  # float64 luma/rescale temporaries of the frame being converted
+    budget.add("pixel data", (frames, rows, cols), spp * decoded + colour + 4, fixed_bytes=one_frame)
+
+
+def _check_pixel_length(ds, name: str, rows: int, cols: int, frames: int, spp: int) -> int:
+    """Refuse native pixel data whose length does not match the header; return the padding bytes.
+
+    Data shorter than the header says is truncated. Data longer by a whole frame or
+    more means the header describes other data (BitsAllocated 8 or 1 over 16-bit
+    pixels, too small a NumberOfFrames): pydicom would decode it, warning only, into
+    a garbage image or invented frames. Less than a frame is trailing padding
+    (PS 3.5 section 8.1.1), which pydicom drops; it is reported in the metadata.
+    """
+    from pydicom.pixels.utils import get_expected_length
+
+    bits = _int(_safe_get(ds, "BitsAllocated"), 0)
+    if bits not in (1, 8, 16, 32, 64):
+        raise ScanError(f"{name}: unsupported BitsAllocated {bits!r}")
+    raw = ds.PixelData
+    if not isinstance(raw, (bytes, bytearray)):
+        return 0
+    try:
+        expected = int(get_expected_length(ds, "bytes"))
+    except Exception:
+        expected = (rows * cols * frames * spp * bits + 7) // 8
+    if len(raw) < expected:
+        raise ScanError(f"{name}: pixel data is truncated ({len(raw):,} of {expected:,} bytes present)")
+    if len(raw) - expected >= expected / max(1, frames):  # room for at least one more frame
+        raise ScanError(
+            f"{name}: pixel data is {len(raw):,} bytes but the header describes {expected:,} "
+            f"(Rows {rows} x Columns {cols} x Frames {frames} x SamplesPerPixel {spp} at BitsAllocated {bits}), "
+            "a whole frame or more too long; refusing to decode it as a mis-sized image"
+        )
+    return max(0, len(raw) - expected - expected % 2)  # DICOM pads odd lengths with one byte
+
+
+def _decode(ds, path: Path, budget: ScanBudget) -> tuple[np.ndarray, dict]:
+    """Decoded, rescaled frames as float32 [frames, H, W] plus geometry/units info.
+
+    ``budget`` already holds the file itself; the pixel arrays are counted before decoding.
+    """
     name = display_name(path)
     present = [t for t in _PIXEL_TAGS if t in ds]
     if not present:
@@ -295,27 +349,15 @@ def _decode(ds, path: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
     spp = _int(_safe_get(ds, "SamplesPerPixel", 1), 1) or 1
     if frames < 0 or spp not in (1, 3, 4):
         raise ScanError(f"{name}: invalid NumberOfFrames/SamplesPerPixel ({frames}, {spp})")
-    check_voxels((frames, rows, cols, spp), path, max_voxels, what="pixel data")
+    _pixel_budget(ds, path, budget, frames, rows, cols, spp)
 
     file_meta = getattr(ds, "file_meta", None)
     ts = _safe_get(file_meta, "TransferSyntaxUID") if file_meta is not None else None
     compressed = bool(getattr(ts, "is_compressed", False))
 
+    padding = 0
     if present[0] == "PixelData" and not compressed:
-        from pydicom.pixels.utils import get_expected_length
-
-        bits = _int(_safe_get(ds, "BitsAllocated"), 0)
-        if bits not in (1, 8, 16, 32, 64):
-            raise ScanError(f"{name}: unsupported BitsAllocated {bits!r}")
-        raw = ds.PixelData
-        try:
-            expected = int(get_expected_length(ds, "bytes"))
-        except Exception:
-            expected = (rows * cols * frames * spp * bits + 7) // 8
-        if isinstance(raw, (bytes, bytearray)) and len(raw) < expected:
-            raise ScanError(
-                f"{name}: pixel data is truncated ({len(raw):,} of {expected:,} bytes present)"
-            )
+        padding = _check_pixel_length(ds, name, rows, cols, frames, spp)
 
     try:
         with warnings.catch_warnings():
@@ -347,25 +389,31 @@ def _decode(ds, path: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
             arr = arr[None]
         if arr.ndim != 4:
             raise ScanError(f"{name}: unexpected colour pixel array shape {arr.shape}")
-        rgb = arr[..., :3].astype(np.float64)
-        arr = rgb @ np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma
     else:
         if arr.ndim == 2:
             arr = arr[None]
         if arr.ndim != 3:
             raise ScanError(f"{name}: unexpected pixel array shape {arr.shape}")
-    if arr.shape[1:] != (rows, cols):
-        raise ScanError(f"{name}: decoded {arr.shape[1:]} pixels but header says {rows} x {cols}")
+    if arr.shape[1:3] != (rows, cols):
+        raise ScanError(f"{name}: decoded {arr.shape[1:3]} pixels but header says {rows} x {cols}")
     n = arr.shape[0]
 
-    slope, intercept, found, rtype = _rescale(ds, n)
-    out = arr.astype(np.float64)
-    if found:
-        out = out * slope[:, None, None] + intercept[:, None, None]
-    elif _safe_get(ds, "ModalityLUTSequence"):
+    slope, intercept, found, rtype = _rescale(ds, n, name)
+    lut = not found and bool(_safe_get(ds, "ModalityLUTSequence"))
+    if lut:
         from pydicom.pixels import apply_modality_lut
 
-        out = np.asarray(apply_modality_lut(arr, ds), dtype=np.float64)
+    def values(f: int) -> np.ndarray:
+        """Frame ``f`` in float64: colour -> luma, then rescale or modality LUT.
+
+        One frame at a time, so the float64 working copy never spans the whole object.
+        """
+        frame = arr[f][..., :3].astype(np.float64) @ _LUMA if spp > 1 else arr[f]
+        if found:
+            return frame.astype(np.float64) * slope[f] + intercept[f]
+        if lut:
+            return np.asarray(apply_modality_lut(frame, ds), dtype=np.float64)
+        return frame.astype(np.float64)
 
     modality_tag = _as_str(_safe_get(ds, "Modality")).upper()
     sop_name = _as_str(getattr(_safe_get(ds, "SOPClassUID"), "name", "")).lower()
@@ -377,20 +425,28 @@ def _decode(ds, path: Path, max_voxels: int) -> tuple[np.ndarray, dict]:
         modality, units = "unknown", "arbitrary"
 
     photometric = _as_str(_safe_get(ds, "PhotometricInterpretation")).upper()
+    flip = None
     if photometric == "MONOCHROME1" and units != "HU":
         # MONOCHROME1: the lowest value is displayed white; flip so bright = high
-        out = out.max() + out.min() - out
+        # (about the extremes of the whole object, found in a first pass)
+        extremes = [(float(v.max()), float(v.min())) for v in map(values, range(n))]
+        flip = max(hi for hi, _ in extremes) + min(lo for _, lo in extremes)
 
-    out = out.astype(np.float32)
-    check_finite(out, path)
     positions, orientation, spacing = _frame_geometry(ds, n)
     order = _sort_order(positions, orientation, None, n)
     if order is not None and n > 1:
-        out = out[order]
         positions = [positions[i] for i in order]
+    else:
+        order = range(n)
+    out = np.empty((n, rows, cols), dtype=np.float32)
+    for k, f in enumerate(order):  # frames written in slice order: no reordering copy
+        v = values(f)
+        out[k] = v if flip is None else flip - v
+    check_finite(out, path)
     info = {
         "modality": modality, "units": units, "positions": positions, "orientation": orientation,
         "spacing": spacing, "rescaled": found, "transfer_syntax": getattr(ts, "name", _as_str(ts)),
+        "padding": padding,
     }
     return out, info
 
@@ -422,16 +478,27 @@ def _metadata(ds, n_slices: int, info: dict, source: Path, extra: Optional[dict]
     meta["Slices"] = str(n_slices)
     meta["Units"] = info["units"]
     meta["Rescaled"] = "yes" if info.get("rescaled") else "no"
+    if info.get("padding"):
+        meta["PixelDataPadding"] = f"{info['padding']} trailing bytes ignored"
     meta.update(extra or {})
     return meta
 
 
-def read_dicom_file(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
+
+
+def read_dicom_file(path, *, limits: Optional[ScanLimits] = None) -> Scan:
     """One DICOM file (single- or multi-frame) as an image Scan."""
     path = Path(path)
+    budget = ScanBudget(path, limits)
+    budget.add_bytes("file", _file_size(path))  # pydicom holds the whole file, pixel data included
     ds = _dcmread(path, header_only=False)
     try:
-        images, info = _decode(ds, path, max_voxels)
+        images, info = _decode(ds, path, budget)
         meta = _metadata(ds, images.shape[0], info, path)
     except ScanError:
         raise
@@ -534,7 +601,7 @@ def list_series(folder) -> list[SeriesInfo]:
     return sorted(_group(headers).values(), key=_series_sort_key)
 
 
-def read_dicom_folder(folder, *, series: Optional[str] = None, max_voxels: int = MAX_VOXELS) -> Scan:
+def read_dicom_folder(folder, *, series: Optional[str] = None, limits: Optional[ScanLimits] = None) -> Scan:
     """A DICOM series folder as one image Scan, slices sorted along the slice normal."""
     folder = Path(folder)
     name = display_name(folder)
@@ -572,7 +639,19 @@ def read_dicom_folder(folder, *, series: Optional[str] = None, max_voxels: int =
         raise ScanError(f"{name}: series {info.uid} mixes image sizes ({listing})")
     rows, cols = sizes.pop()
     total_frames = sum(max(1, _int(_safe_get(ds, "NumberOfFrames", 1), 1) or 1) for _, ds in members)
-    check_voxels((total_frames, rows, cols), folder, max_voxels, what="series")
+    limits = limits if limits is not None else ScanLimits.resolve()
+    series_budget = ScanBudget(folder, limits)
+    series_budget.add("series", (total_frames, rows, cols), 4)  # the float32 stack
+    # plus the costliest file while it is decoded (files are decoded one at a time)
+    costliest = 0
+    for p, ds in members:
+        frames = max(1, _int(_safe_get(ds, "NumberOfFrames", 1), 1) or 1)
+        spp = _int(_safe_get(ds, "SamplesPerPixel", 1), 1) or 1
+        one_file = ScanBudget(p, limits)
+        one_file.add_bytes("file", _file_size(p))
+        _pixel_budget(ds, p, one_file, frames, rows, cols, spp if spp in (1, 3, 4) else 1)
+        costliest = max(costliest, one_file.total)
+    series_budget.add_bytes("decoding its largest file", costliest)
 
     # sort files: position along the normal, else InstanceNumber, else file name
     first_orientation = _floats(_safe_get(members[0][1], "ImageOrientationPatient"), 6)
@@ -590,9 +669,11 @@ def read_dicom_folder(folder, *, series: Optional[str] = None, max_voxels: int =
     first_info = None
     k = 0
     for p, _ in members:
+        one_file = ScanBudget(p, limits)
+        one_file.add_bytes("file", _file_size(p))
         ds = _dcmread(p, header_only=False)
         try:
-            frames, finfo = _decode(ds, p, max_voxels)
+            frames, finfo = _decode(ds, p, one_file)
         except ScanError:
             raise
         except Exception as exc:

@@ -12,9 +12,13 @@ Every failure a file can cause surfaces as :class:`~engine.errors.ScanError`
 with a one-line message naming the file and the problem; no reader lets a raw
 third-party exception escape.
 
-Sizes are checked from headers *before* any pixel data is allocated: arrays with
-more than :data:`MAX_VOXELS` elements (overridable per call with
-``max_voxels=``) are refused.
+Sizes are checked from headers *before* anything is decompressed or read: each
+reader adds up the bytes it will allocate for one file (the arrays as stored,
+times their item size and channels, decompressed; plus the float32/complex64
+copies it converts them to) and refuses the file when the sum is above
+:data:`MAX_SCAN_BYTES` (1 GiB). The limit is raised or lowered with the
+environment variable ``EQUIDEQ_MAX_SCAN_BYTES`` (e.g. ``4GiB``) or per call with
+``load_scan(..., max_bytes=)``; see ``docs/limits.md``.
 """
 
 from __future__ import annotations
@@ -26,18 +30,28 @@ from typing import Optional
 
 import numpy as np
 
-from engine.errors import ScanError
+from engine.errors import ConfigError, ScanError
 
 __all__ = [
     "Scan",
+    "ScanBudget",
+    "ScanLimits",
     "load_scan",
+    "MAX_SCAN_BYTES",
+    "MAX_SCAN_BYTES_ENV",
     "MAX_VOXELS",
     "SCAN_KINDS",
     "SUPPORTED_SUFFIXES",
 ]
 
-#: Default upper bound on the number of elements of any array a reader allocates.
-MAX_VOXELS = 2**28
+#: Default upper bound on the bytes a reader allocates for one scan file (1 GiB): a bad or
+#: hostile file (a zip bomb, a header claiming a huge float64 or RGB volume) costs at most this.
+MAX_SCAN_BYTES = 2**30
+#: Environment variable that replaces :data:`MAX_SCAN_BYTES`, e.g. ``EQUIDEQ_MAX_SCAN_BYTES=4GiB``.
+MAX_SCAN_BYTES_ENV = "EQUIDEQ_MAX_SCAN_BYTES"
+#: Elements of a float32 volume at the default byte limit. Kept for callers that imported it;
+#: the byte limit is what is enforced (``max_voxels=`` adds an element cap on request).
+MAX_VOXELS = MAX_SCAN_BYTES // 4
 
 SCAN_KINDS = ("image", "kspace", "sinogram")
 
@@ -110,35 +124,147 @@ def display_name(path) -> str:
     return p.name or str(p)
 
 
-def check_voxels(shape, source, max_voxels: Optional[int], what: str = "array") -> None:
-    """Refuse an allocation of ``prod(shape)`` elements above the limit (before allocating)."""
-    limit = MAX_VOXELS if max_voxels is None else int(max_voxels)
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,  # as ulimit and numfmt --from=iec read them
+}
+
+
+def parse_byte_size(text: str, setting: str = MAX_SCAN_BYTES_ENV) -> int:
+    """``"4GiB"`` or ``"4G"`` -> 4294967296; a plain number is bytes; KB/MB/GB/TB are powers of 1000."""
+    raw = str(text).strip()
+    number = raw.rstrip("bBkKmMgGtTiI ")
+    unit = raw[len(number):].strip().lower()
     try:
-        dims = [int(s) for s in shape]
+        value = float(number.replace("_", "")) * _BYTE_UNITS[unit]
+    except (KeyError, ValueError):
+        value = float("nan")
+    if not (value >= 1 and value < 2**63):  # also refuses NaN
+        raise ConfigError(
+            f"{setting}={raw!r} is not a size in bytes (e.g. 2147483648, 2GiB or 1500MB)"
+        )
+    return int(value)
+
+
+def format_bytes(n: int) -> str:
+    """``2147483648`` -> ``"2,147,483,648 bytes (2.0 GiB)"`` for messages."""
+    n = int(n)
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n:,} bytes ({n / size:.1f} {unit})"
+    return f"{n:,} bytes"
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """The size limits in force for one :func:`load_scan` call."""
+
+    max_bytes: int = MAX_SCAN_BYTES  #: bytes a reader may allocate for one file
+    max_voxels: Optional[int] = None  #: optional extra cap on the elements of any one array
+    #: the end of every size message: where the limit came from and how to raise it
+    how_to_raise: str = f"raise it with the environment variable {MAX_SCAN_BYTES_ENV}, e.g. {MAX_SCAN_BYTES_ENV}=4GiB"
+
+    @classmethod
+    def resolve(cls, max_bytes: Optional[int] = None, max_voxels: Optional[int] = None) -> "ScanLimits":
+        """``max_bytes`` if given, else ``$EQUIDEQ_MAX_SCAN_BYTES``, else :data:`MAX_SCAN_BYTES`."""
+        voxels = None if max_voxels is None else int(max_voxels)
+        if max_bytes is not None:
+            limit = int(max_bytes)
+            if limit < 1:
+                raise ConfigError(f"max_bytes={max_bytes!r} must be a positive number of bytes")
+            return cls(limit, voxels, "the limit passed as max_bytes=; pass a larger one to read this file")
+        env = os.environ.get(MAX_SCAN_BYTES_ENV, "").strip()
+        if env:
+            return cls(parse_byte_size(env), voxels, f"the limit set by {MAX_SCAN_BYTES_ENV}={env}; raise it there")
+        return cls(MAX_SCAN_BYTES, voxels)
+
+
+def _element_count(shape, source, what: str) -> tuple[tuple, int]:
+    """(dims, product) of a header's shape; ScanError for invalid, negative or empty shapes."""
+    try:
+        dims = tuple(int(s) for s in shape)
     except (TypeError, ValueError):
         raise ScanError(f"{display_name(source)}: {what} has an invalid shape {shape!r}") from None
     if any(d < 0 for d in dims):
-        raise ScanError(f"{display_name(source)}: {what} has a negative dimension {tuple(dims)}")
+        raise ScanError(f"{display_name(source)}: {what} has a negative dimension {dims}")
     total = 1
     for d in dims:
         total *= d
-    if total > limit:
-        raise ScanError(
-            f"{display_name(source)}: {what} of shape {tuple(dims)} has {total:,} elements, "
-            f"more than the limit of {limit:,}"
-        )
     if total == 0:
-        raise ScanError(f"{display_name(source)}: {what} is empty (shape {tuple(dims)})")
+        raise ScanError(f"{display_name(source)}: {what} is empty (shape {dims})")
+    return dims, total
+
+
+class ScanBudget:
+    """The bytes a reader will allocate for one file, added up from headers before reading.
+
+    Every array a reader materialises is announced with :meth:`add` (its element
+    count times the bytes per element it costs: item size x channels as stored,
+    plus any converted copy); the running total is refused, with a one-line
+    ScanError naming the file and the limit, as soon as it exceeds
+    ``limits.max_bytes``. Nothing has been allocated at that point.
+    """
+
+    def __init__(self, source, limits: Optional[ScanLimits] = None, measure: str = "of memory"):
+        self.source = source
+        self.limits = limits if limits is not None else ScanLimits.resolve()
+        self.measure = measure  #: what is counted, for messages: "of memory" or "decompressed"
+        self.total = 0
+
+    def add(self, what: str, shape, bytes_per_element: float, fixed_bytes: int = 0) -> int:
+        """Count ``prod(shape) * bytes_per_element + fixed_bytes``; return the element count."""
+        dims, count = _element_count(shape, self.source, what)
+        limit = self.limits.max_voxels
+        if limit is not None and count > limit:
+            raise ScanError(
+                f"{display_name(self.source)}: {what} of shape {dims} has {count:,} elements, "
+                f"more than the limit of {limit:,}"
+            )
+        self.add_bytes(what, int(count * bytes_per_element) + int(fixed_bytes), dims)
+        return count
+
+    def add_bytes(self, what: str, nbytes: int, dims=None) -> None:
+        """Count ``nbytes`` for ``what`` (an archive member, a whole file read into memory)."""
+        self.total += max(0, int(nbytes))
+        if self.total <= self.limits.max_bytes:
+            return
+        shape = f" of shape {dims}" if dims is not None else ""
+        so_far = "" if self.total == nbytes else f", {format_bytes(self.total)} for this file in all"
+        raise ScanError(
+            f"{display_name(self.source)}: {what}{shape} needs {format_bytes(nbytes)} {self.measure}{so_far}, "
+            f"more than the limit of {format_bytes(self.limits.max_bytes)} per scan file "
+            f"({self.limits.how_to_raise})"
+        )
+
+
+#: Elements per block when scanning an array for NaN/Inf: bounds the boolean temporary to 4 MiB.
+_FINITE_BLOCK = 1 << 22
+
+
+def _blocks(arr: np.ndarray):
+    """Views of ``arr`` along its first axis of about :data:`_FINITE_BLOCK` elements each."""
+    if arr.ndim == 0:
+        yield arr
+        return
+    per_row = max(1, arr.size // max(1, arr.shape[0]))
+    step = max(1, _FINITE_BLOCK // per_row)
+    for start in range(0, arr.shape[0], step):
+        yield arr[start:start + step]
 
 
 def check_finite(arr: np.ndarray, source, what: str = "image data") -> None:
     """ScanError when ``arr`` contains NaN or Inf."""
     if arr.size == 0:
         raise ScanError(f"{display_name(source)}: {what} is empty")
-    if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
-        n_nan = int(np.isnan(arr).sum())
-        kind = "NaN" if n_nan else "Inf"
-        raise ScanError(f"{display_name(source)}: {what} contains {kind} values (not allowed)")
+    if not np.issubdtype(arr.dtype, np.inexact):
+        return
+    # block by block: a whole-array isfinite() would allocate another arr.size bytes
+    if all(np.isfinite(block).all() for block in _blocks(arr)):
+        return
+    kind = "NaN" if any(np.isnan(block).any() for block in _blocks(arr)) else "Inf"
+    raise ScanError(f"{display_name(source)}: {what} contains {kind} values (not allowed)")
 
 
 def as_image_stack(arr: np.ndarray, source, what: str = "image data") -> np.ndarray:
@@ -242,22 +368,25 @@ def _sniff(path: Path) -> str:
     return "unknown"
 
 
-def load_scan(path, *, series: Optional[str] = None, max_voxels: Optional[int] = None) -> Scan:
+def load_scan(path, *, series: Optional[str] = None, max_bytes: Optional[int] = None,
+              max_voxels: Optional[int] = None) -> Scan:
     """Load a scan file or DICOM series folder as a :class:`Scan`.
 
     ``series`` picks one SeriesInstanceUID (or SeriesNumber) in a DICOM folder
-    holding several series. ``max_voxels`` overrides :data:`MAX_VOXELS`.
-    Raises :class:`ScanError` for anything that cannot be read as asked.
+    holding several series. ``max_bytes`` replaces the memory limit per file
+    (default ``$EQUIDEQ_MAX_SCAN_BYTES``, else :data:`MAX_SCAN_BYTES`);
+    ``max_voxels`` adds a cap on the element count of any one array.
+    Raises :class:`ScanError` for anything that cannot be read as asked
+    (:class:`~engine.errors.ConfigError` for an unreadable limit setting).
     """
     if path is None or str(path) == "":
         raise ScanError("no scan path given")
+    limits = ScanLimits.resolve(max_bytes, max_voxels)
     p = Path(path).expanduser()
     if not p.exists():
         raise ScanError(f"{p}: no such file or folder")
-    if max_voxels is None:
-        max_voxels = MAX_VOXELS
     try:
-        scan = _dispatch(p, series, max_voxels)
+        scan = _dispatch(p, series, limits)
     except ScanError as exc:
         text = str(exc)
         if "\n" in text:  # keep the promise of one-line messages
@@ -276,11 +405,11 @@ def load_scan(path, *, series: Optional[str] = None, max_voxels: Optional[int] =
     return scan
 
 
-def _dispatch(p: Path, series, max_voxels) -> Scan:
+def _dispatch(p: Path, series, limits: ScanLimits) -> Scan:
     if p.is_dir():
         from engine.data import dicom
 
-        return dicom.read_dicom_folder(p, series=series, max_voxels=max_voxels)
+        return dicom.read_dicom_folder(p, series=series, limits=limits)
     if not p.is_file():
         raise ScanError(f"{p}: not a regular file")
 
@@ -305,16 +434,16 @@ def _dispatch(p: Path, series, max_voxels) -> Scan:
     if fmt == "dicom":
         from engine.data import dicom
 
-        return dicom.read_dicom_file(p, max_voxels=max_voxels)
+        return dicom.read_dicom_file(p, limits=limits)
     if fmt == "hdf5":
         from engine.data import hdf5
 
-        return hdf5.read_hdf5(p, max_voxels=max_voxels)
+        return hdf5.read_hdf5(p, limits=limits)
     from engine.data import volumes
 
     readers = {"npy": volumes.read_npy, "npz": volumes.read_npz, "pil": volumes.read_pil,
                "nifti": volumes.read_nifti, "inv3": volumes.read_inv3}
     if fmt in readers:
-        return readers[fmt](p, max_voxels=max_voxels)
+        return readers[fmt](p, limits=limits)
     known = ", ".join(SUPPORTED_SUFFIXES)
     raise ScanError(f"{display_name(p)}: unrecognised file format (supported: {known}, or a DICOM folder)")

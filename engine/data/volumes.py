@@ -1,7 +1,9 @@
 """Readers for array and volume files: NumPy, PNG/TIFF (Pillow), NIfTI and InVesalius ``.inv3``.
 
-All of them check the array size from the header before reading pixel data,
-never unpickle anything (``allow_pickle=False``; plists via :mod:`plistlib`),
+All of them add up, from the header, the bytes they will allocate (the data as
+stored, decompressed, plus the float32/complex64 copy they convert it to) and
+refuse the file above the limit (:class:`~engine.data.scans.ScanBudget`) before
+reading pixel data; they never unpickle anything (``allow_pickle=False``; plists via :mod:`plistlib`),
 and return an image :class:`~engine.data.scans.Scan` (NumPy files holding
 complex data give a k-space Scan).
 
@@ -33,16 +35,17 @@ import tarfile
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
+from typing import Optional
 
 import numpy as np
 
 from engine.data.scans import (
-    MAX_VOXELS,
     Scan,
+    ScanBudget,
+    ScanLimits,
     as_image_stack,
     as_kspace,
     check_finite,
-    check_voxels,
     display_name,
     image_scan,
 )
@@ -89,13 +92,27 @@ def _array_scan(arr: np.ndarray, source, fmt: str, extra=None) -> Scan:
     return scan
 
 
-def read_npy(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+def _copy_itemsize(dtype: np.dtype, fortran: bool = False) -> int:
+    """Bytes per element of the float32 / complex64 copy :func:`_array_scan` makes (0: none)."""
+    target = np.dtype(np.complex64 if dtype.kind == "c" else np.float32)
+    return 0 if dtype == target and not fortran else target.itemsize
+
+
+def _require_numeric(dtype: np.dtype, source, what: str) -> None:
+    """Refuse strings, bytes and records from the header, before their data is read."""
+    if dtype.kind not in "biufc":
+        raise ScanError(f"{display_name(source)}: {what} dtype {dtype} is not numeric")
+
+
+def read_npy(path, *, limits: Optional[ScanLimits] = None) -> Scan:
     """A ``.npy`` file: real [H,W]/[S,H,W] -> images, complex -> k-space."""
     path = Path(path)
+    budget = ScanBudget(path, limits)
     with open(path, "rb") as fp:
-        shape, _, dtype = _npy_header(fp, path, "file")
-        check_voxels(shape, path, max_voxels)
-        need = fp.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        shape, fortran, dtype = _npy_header(fp, path, "file")
+        _require_numeric(dtype, path, "array")
+        count = budget.add("array", shape, dtype.itemsize + _copy_itemsize(dtype, fortran))
+        need = fp.tell() + count * dtype.itemsize
     if path.stat().st_size < need:
         raise ScanError(f"{display_name(path)}: file is truncated ({path.stat().st_size:,} of {need:,} bytes)")
     try:
@@ -105,14 +122,17 @@ def read_npy(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
     return _array_scan(arr, path, "NumPy .npy")
 
 
-def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
+def read_npz(path, *, limits: Optional[ScanLimits] = None) -> Scan:
     """A ``.npz`` archive.
 
     Recognised keys: ``kspace`` (+ ``mask``, ``reference``), ``sinogram`` (+ ``angles``
     in degrees), ``images``/``image``/``data``; otherwise a single array is used.
+    The memory counted is the decompressed size of every array in the archive
+    (from each member's .npy header) plus the converted copies of those loaded.
     """
     path = Path(path)
     name = display_name(path)
+    budget = ScanBudget(path, limits)
     try:
         zf = zipfile.ZipFile(path)
     except Exception as exc:
@@ -122,10 +142,15 @@ def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
         try:
             members = [i for i in zf.infolist() if i.filename.endswith(".npy")]
             for info in members:
-                with zf.open(info) as fp:
-                    shape, _, dtype = _npy_header(fp, path, f"array '{info.filename[:-4]}'")
-                check_voxels(shape, path, max_voxels, what=f"array '{info.filename[:-4]}'")
-                headers[info.filename[:-4]] = (shape, dtype)
+                key = info.filename[:-4]
+                with zf.open(info) as fp:  # decompresses the header only
+                    shape, fortran, dtype = _npy_header(fp, path, f"array '{key}'")
+                    offset = fp.tell()
+                count = budget.add(f"array '{key}'", shape, dtype.itemsize)
+                need = offset + count * dtype.itemsize
+                if info.file_size < need:
+                    raise ScanError(f"{name}: array '{key}' is truncated ({info.file_size:,} of {need:,} bytes)")
+                headers[key] = (shape, fortran, dtype)
         except ScanError:
             raise
         except Exception as exc:
@@ -133,6 +158,13 @@ def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
     keys = sorted(headers)
     if not keys:
         raise ScanError(f"{name}: the .npz archive holds no arrays")
+
+    def plan(key, copy_itemsize=None):
+        """Count the converted copy of ``key`` (float32/complex64 unless given) before loading it."""
+        shape, fortran, dtype = headers[key]
+        _require_numeric(dtype, path, f"array '{key}'")
+        extra = _copy_itemsize(dtype, fortran) if copy_itemsize is None else copy_itemsize
+        budget.add(f"array '{key}' (converted)", shape, extra)
 
     def load(key):
         try:
@@ -144,6 +176,11 @@ def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
             raise ScanError(f"{name}: cannot read array '{key}' ({type(exc).__name__}: {str(exc)[:160]})") from None
 
     if "kspace" in headers:
+        plan("kspace")
+        if "mask" in headers:
+            plan("mask", 4)  # always copied to float32
+        if "reference" in headers:
+            plan("reference")
         scan = _array_scan(load("kspace"), path, "NumPy .npz")
         if scan.kind != "kspace":
             raise ScanError(f"{name}: array 'kspace' is real; expected complex k-space")
@@ -157,6 +194,9 @@ def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
             scan.reference = as_image_stack(load("reference"), path, "reference")
         return scan
     if "sinogram" in headers:
+        plan("sinogram")
+        if "angles" in headers:
+            plan("angles", 8)  # always copied to float64
         sino = load("sinogram")
         if np.iscomplexobj(sino) or sino.ndim not in (2, 3):
             raise ScanError(f"{name}: 'sinogram' has shape {sino.shape}; expected real [slices, views, detectors]")
@@ -174,8 +214,10 @@ def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
         return Scan(kind="sinogram", sinogram=sino, angles=angles, modality="ct", source=str(path), metadata=meta)
     for key in ("images", "image", "data"):
         if key in headers:
+            plan(key)
             return _array_scan(load(key), path, "NumPy .npz", {"Array": key})
     if len(keys) == 1:
+        plan(keys[0])
         return _array_scan(load(keys[0]), path, "NumPy .npz", {"Array": keys[0]})
     raise ScanError(
         f"{name}: cannot tell which array to load; found keys [{', '.join(keys)}]; expected 'images', "
@@ -186,59 +228,113 @@ def read_npz(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
 # -- Pillow ---------------------------------------------------------------------------------
 
 
-def _pil_frame(img, source) -> np.ndarray:
+def _pil_core_bytes(mode: str) -> int:
+    """Bytes per pixel Pillow holds for a decoded page: 1 for 1/L/P, 2 for I;16*, else 4
+    (Pillow stores I, F and every multi-band mode, RGB included, in 32 bits per pixel)."""
+    if mode in ("1", "L", "P"):
+        return 1
+    return 2 if mode.startswith("I;16") else 4
+
+
+def _pil_page_bytes(mode: str) -> int:
+    """Bytes per pixel of one page in memory while it is converted: Pillow's copy, NumPy's, temporaries."""
+    core = _pil_core_bytes(mode)
+    if mode in ("RGB", "RGBA", "RGBX"):
+        return core + 4  # + the NumPy copy (up to 4 bands of uint8); luma is computed in row blocks
+    if mode in ("I", "F", "L") or mode.startswith("I;16"):
+        return core + core  # + the NumPy copy
+    return core + 1 + 1  # convert("L"): Pillow's 8-bit copy + NumPy's
+
+
+#: Rows per block when turning RGB into luma: bounds the float64 temporary to a few MiB.
+_LUMA_ROWS_BYTES = 1 << 23
+
+
+def _pil_frame_into(img, out: np.ndarray, source) -> str:
+    """Write the current page of ``img`` as gray float32 into ``out`` [H, W]; return its sample type."""
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
-        arr = np.asarray(img).astype(np.uint16)
+    if mode.startswith("I;16"):
+        arr = np.asarray(img).astype(np.uint16, copy=False)
     elif mode in ("I", "F", "L"):
         arr = np.asarray(img)
-    elif mode in ("1", "P", "PA", "LA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-        if mode in ("RGB", "RGBA", "RGBX"):
-            rgb = np.asarray(img.convert("RGB"), dtype=np.float64)
-            arr = rgb @ np.array([0.299, 0.587, 0.114])
-        else:
-            arr = np.asarray(img.convert("L"))
+    elif mode in ("RGB", "RGBA", "RGBX"):
+        rgb = np.asarray(img)
+        if rgb.ndim != 3 or rgb.shape[:2] != out.shape:
+            raise ScanError(f"{display_name(source)}: unexpected image shape {rgb.shape}")
+        weights = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601 luma, in float64 as before
+        rows = max(1, _LUMA_ROWS_BYTES // max(1, rgb.shape[1] * 3 * 8))
+        for r in range(0, rgb.shape[0], rows):
+            out[r:r + rows] = rgb[r:r + rows, :, :3].astype(np.float64) @ weights
+        return str(rgb.dtype)
+    elif mode in ("1", "P", "PA", "LA", "CMYK", "YCbCr", "LAB", "HSV"):
+        arr = np.asarray(img.convert("L"))
     else:
         raise ScanError(f"{display_name(source)}: unsupported image mode {mode!r}")
-    if arr.ndim != 2:
+    if arr.shape != out.shape:
         raise ScanError(f"{display_name(source)}: unexpected image shape {arr.shape}")
-    return arr
+    out[...] = arr
+    return str(arr.dtype)
 
 
-def read_pil(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
-    """PNG / TIFF / JPEG / BMP as grayscale images (16-bit kept); multi-page TIFF -> slices."""
+def _pil_bomb_error(name: str):
+    from PIL import Image
+
+    cap = 2 * Image.MAX_IMAGE_PIXELS if Image.MAX_IMAGE_PIXELS else 0
+    return ScanError(
+        f"{name}: image has more than {cap:,} pixels, Pillow's decompression-bomb limit "
+        "(2 x PIL.Image.MAX_IMAGE_PIXELS); refused before decoding"
+    )
+
+
+def read_pil(path, *, limits: Optional[ScanLimits] = None) -> Scan:
+    """PNG / TIFF / JPEG / BMP as grayscale images (16-bit kept); multi-page TIFF -> slices.
+
+    The size is checked from the header (width x height x pages, and the bytes per
+    pixel of the mode) before any page is decoded. Pillow's own pixel-count guard
+    stays in force: its warning is superseded by this byte check, its error
+    (above 2 x ``PIL.Image.MAX_IMAGE_PIXELS``) becomes a one-line ScanError.
+    """
     from PIL import Image
 
     path = Path(path)
     name = display_name(path)
+    budget = ScanBudget(path, limits)
     with warnings.catch_warnings():  # Pillow warns on odd EXIF/metadata; errors still raise
         warnings.simplefilter("ignore")
         try:
             img = Image.open(path)
         except Image.DecompressionBombError:
-            raise ScanError(f"{name}: image is too large (Pillow decompression-bomb guard)") from None
+            raise _pil_bomb_error(name) from None
         except Exception as exc:
             raise ScanError(f"{name}: not a readable image ({type(exc).__name__}: {str(exc)[:160]})") from None
-        frames = []
         try:
             with img:
                 n = int(getattr(img, "n_frames", 1) or 1)
                 w, h = img.size
-                check_voxels((n, h, w), path, max_voxels, what="image")
+                mode = img.mode
+                budget.add("image", (n, h, w), 4)  # the float32 stack
+                page_bytes = _pil_page_bytes(mode)
+                budget.add("one decoded page", (h, w), page_bytes)
+                stack = np.empty((n, h, w), dtype=np.float32)
+                sample = ""
                 for i in range(n):
                     img.seek(i)
+                    if img.size != (w, h):
+                        raise ScanError(f"{name}: page {i} is {img.size[1]} x {img.size[0]} but page 0 is {h} x {w}")
+                    if _pil_page_bytes(img.mode) > page_bytes:  # a later page in a costlier mode
+                        budget.add(f"page {i} ({img.mode})", (h, w), _pil_page_bytes(img.mode) - page_bytes)
+                        page_bytes = _pil_page_bytes(img.mode)
                     img.load()
-                    frame = _pil_frame(img, path)
-                    if frames and frame.shape != frames[0].shape:
-                        raise ScanError(f"{name}: page {i} is {frame.shape} but page 0 is {frames[0].shape}")
-                    frames.append(frame)
-                fmt, mode = img.format or "image", img.mode
+                    page_sample = _pil_frame_into(img, stack[i], path)
+                    sample = sample or page_sample
+                fmt = img.format or "image"
         except ScanError:
             raise
+        except Image.DecompressionBombError:
+            raise _pil_bomb_error(name) from None
         except Exception as exc:
             raise ScanError(f"{name}: corrupt or truncated image ({type(exc).__name__}: {str(exc)[:160]})") from None
-    stack = np.stack(frames, 0)
-    return image_scan(stack, path, metadata={"Format": fmt, "Mode": mode, "BitDepth": str(stack.dtype)})
+    return image_scan(stack, path, metadata={"Format": fmt, "Mode": mode, "BitDepth": sample})
 
 
 # -- NIfTI ----------------------------------------------------------------------------------
@@ -256,10 +352,15 @@ def _quiet_nibabel():
         logger.setLevel(old)
 
 
-def read_nifti(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
-    """NIfTI-1/2 (``.nii`` / ``.nii.gz``) via nibabel; axial slices in radiological display."""
+def read_nifti(path, *, limits: Optional[ScanLimits] = None) -> Scan:
+    """NIfTI-1/2 (``.nii`` / ``.nii.gz``) via nibabel; axial slices in radiological display.
+
+    The memory needed is worked out from the header alone (dims x bitpix, of the
+    first volume) before a byte of the data, gzipped or not, is decompressed.
+    """
     path = Path(path)
     name = display_name(path)
+    budget = ScanBudget(path, limits)
     try:
         import nibabel as nib
     except ImportError:
@@ -267,8 +368,11 @@ def read_nifti(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
     try:
         with warnings.catch_warnings(), _quiet_nibabel():
             warnings.simplefilter("ignore")
-            img = nib.load(str(path))
+            img = nib.load(str(path))  # reads the header only
             shape = tuple(int(s) for s in img.shape)
+            stored = np.dtype(img.get_data_dtype())
+            slope, inter = float(getattr(img.dataobj, "slope", 1.0)), float(getattr(img.dataobj, "inter", 0.0))
+            scaled = (slope, inter) != (1.0, 0.0)
     except Exception as exc:
         raise ScanError(f"{name}: not a readable NIfTI file ({type(exc).__name__}: {str(exc)[:160]})") from None
     if len(shape) < 2 or len(shape) > 5:
@@ -279,7 +383,12 @@ def read_nifti(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
             raise ScanError(f"{name}: NIfTI image of shape {shape} has more than 4 dimensions")
         if shape[3] > 1:
             extra["Volumes"] = f"{shape[3]} (first one loaded)"
-    check_voxels(shape[:3], path, max_voxels, what="NIfTI volume")
+    if stored.kind not in "biufc":
+        raise ScanError(f"{name}: NIfTI data type {stored} is not supported")
+    # the data as stored (decompressed), nibabel's float64 result when scl_slope/inter apply,
+    # the magnitude of complex data, and the reoriented float32 copy
+    per_voxel = stored.itemsize + (8 if scaled else 0) + (stored.itemsize // 2 if stored.kind == "c" else 0) + 4
+    budget.add("NIfTI volume", shape[:3], per_voxel)
     try:
         with warnings.catch_warnings(), _quiet_nibabel():
             warnings.simplefilter("ignore")
@@ -326,17 +435,31 @@ def read_nifti(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
 # -- InVesalius -----------------------------------------------------------------------------
 
 
-def read_inv3(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
-    """An InVesalius 3 project (``.inv3``): the image volume from ``main.plist`` + raw matrix."""
+def read_inv3(path, *, limits: Optional[ScanLimits] = None) -> Scan:
+    """An InVesalius 3 project (``.inv3``): the image volume from ``main.plist`` + raw matrix.
+
+    The archive is refused as soon as its tar headers announce more decompressed
+    bytes than the limit (before that data is decompressed); the volume read
+    into memory and its float32 copy count against the limit separately.
+    """
     path = Path(path)
     name = display_name(path)
+    archive = ScanBudget(path, limits, measure="decompressed")  # what decompressing passes through
+    budget = ScanBudget(path, limits)  # what stays in memory
     try:
         tar = tarfile.open(path, "r:*")
     except Exception as exc:
         raise ScanError(f"{name}: not an InVesalius project (not a tar archive: {str(exc)[:120]})") from None
     with tar:
+        members = {}
         try:
-            members = {PurePosixPath(m.name).name: m for m in tar.getmembers() if m.isfile()}
+            # member by member: each header gives the size before its data is decompressed
+            for m in tar:
+                archive.add_bytes(f"archive member '{PurePosixPath(m.name).name}'", m.size + tarfile.BLOCKSIZE)
+                if m.isfile():
+                    members[PurePosixPath(m.name).name] = m
+        except ScanError:
+            raise
         except Exception as exc:
             raise ScanError(f"{name}: corrupt InVesalius project ({type(exc).__name__}: {str(exc)[:160]})") from None
         plists = sorted((n for n in members if n.endswith(".plist")), key=len)
@@ -375,21 +498,26 @@ def read_inv3(path, *, max_voxels: int = MAX_VOXELS) -> Scan:
                 or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
             raise ScanError(f"{name}: invalid volume shape {shape!r} in {main_name}")
         shape = tuple(shape) if len(shape) == 3 else (1,) + tuple(shape)
-        check_voxels(shape, path, max_voxels, what="InVesalius volume")
+        dtype = np.dtype(dtype_name).newbyteorder("<")
+        # the raw member read into memory, then the flipped float32 copy
+        count = budget.add("InVesalius volume", shape, dtype.itemsize + 4)
         if fname not in members:
             raise ScanError(f"{name}: volume file {fname!r} named in {main_name} is missing")
-        dtype = np.dtype(dtype_name).newbyteorder("<")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = count * dtype.itemsize
         if fname.endswith(".npy"):
             raw = read_member(fname, nbytes + 65536)
             buf = io.BytesIO(raw)
-            vshape, _, vdtype = _npy_header(buf, path, fname)
+            vshape, fortran, vdtype = _npy_header(buf, path, fname)
             if tuple(vshape) != shape:
                 raise ScanError(f"{name}: {fname} has shape {vshape} but {main_name} says {shape}")
-            try:
-                vol = np.load(io.BytesIO(raw), allow_pickle=False)
-            except Exception as exc:
-                raise ScanError(f"{name}: cannot read {fname} ({str(exc)[:120]})") from None
+            _require_numeric(vdtype, path, fname)
+            offset = buf.tell()
+            need = count * vdtype.itemsize
+            if len(raw) - offset < need:
+                raise ScanError(f"{name}: {fname} is truncated ({len(raw) - offset:,} of {need:,} bytes)")
+            # a view of the bytes already in memory: no second copy of the volume
+            vol = np.frombuffer(raw, dtype=vdtype, count=count, offset=offset).reshape(
+                shape, order="F" if fortran else "C")
         else:
             if members[fname].size != nbytes:
                 raise ScanError(
