@@ -62,21 +62,40 @@ Writes are atomic (:func:`atomic_write`): the file is written to a temporary
 file in the target's folder, flushed and ``fsync``-ed, then moved over the
 target with ``os.replace``. A crash or kill during a save leaves the previous
 checkpoint intact (and possibly a hidden ``.<name>.<pid>.<random>.tmp`` file,
-which is safe to delete).
+which :func:`remove_stale_temp_files` deletes when a run folder is next opened
+for training). A write that fails (a full disk, also when ``torch.save`` reports it
+as ``RuntimeError: unexpected pos``) raises :class:`CheckpointError` naming the
+target; the temporary file is removed and the previous file kept.
+:func:`publish_latest` copies a checkpoint to ``last.<ext>`` the same way.
+
+Reading refuses, with a one-line :class:`CheckpointError` naming the file, and
+without allocating more than the file's own data: tensors that are not dense
+CPU-loadable arrays (sparse, meta) or whose elements overlap in memory (an
+``expand`` / stride-0 ``as_strided`` view that claims more elements than it
+stores), containers nested more than :data:`MAX_NESTING` levels deep, safetensors
+headers over :data:`MAX_SAFETENSORS_HEADER` bytes or metadata JSON over
+:data:`MAX_METADATA_JSON` characters, and a ``step`` that is not a whole number in
+``0 .. 2**63 - 1``. :func:`check_resume_state` checks a checkpoint's model,
+optimiser and scheduler states against the objects they are loaded into before
+a run resumes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import inspect
 import json
+import math
 import os
 import pickle
 import pickletools
 import random
 import re
 import secrets
+import shutil
 import struct
+import time
 import warnings
 import zipfile
 from dataclasses import dataclass, field
@@ -102,6 +121,9 @@ __all__ = [
     "capture_rng_state",
     "restore_rng_state",
     "atomic_write",
+    "publish_latest",
+    "remove_stale_temp_files",
+    "check_resume_state",
 ]
 
 #: The version of the layout described in the module docstring.
@@ -114,6 +136,15 @@ REQUIRED_KEYS = ("format_version", "config", "model_state")
 
 _TORCH_SUFFIXES = (".pt", ".pth", ".ckpt")
 _SAFETENSORS_SUFFIXES = (".safetensors",)
+
+#: Deepest nesting of dicts / lists / tuples accepted anywhere in a checkpoint.
+MAX_NESTING = 64
+#: Largest safetensors header (tensor index + metadata) read; the safetensors library's own limit.
+MAX_SAFETENSORS_HEADER = 100_000_000
+#: Largest ``equideq`` metadata JSON document parsed (a real one is a few kB to a few MB).
+MAX_METADATA_JSON = 16 * 2**20
+#: Largest step count accepted (an int64, as every step counter in PyTorch).
+MAX_STEP = 2**63 - 1
 
 #: Pickle opcodes that import or call Python objects (what ``weights_only`` forbids).
 _CODE_OPCODES = {"GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"}
@@ -273,6 +304,92 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _copy_file_contents(src_fh, dst_fh) -> None:
+    """Copy an open file into another (a seam for tests that simulate a full disk)."""
+    shutil.copyfileobj(src_fh, dst_fh, 2**20)
+
+
+def publish_latest(src: str | os.PathLike, latest: str | os.PathLike) -> Path:
+    """Make ``latest`` (a run's ``last.pt`` / ``last.safetensors``) a copy of the checkpoint ``src``, atomically.
+
+    The copy goes through :func:`atomic_write`: ``latest`` is either the old
+    file or the complete new one, never a torn copy, and a failed copy leaves
+    no temporary file. Raises :class:`CheckpointError` naming ``latest`` and
+    its folder (not the temporary file) when the copy fails, e.g. on a full
+    disk. Returns ``latest``.
+    """
+    src, latest = Path(src), Path(latest)
+    try:
+        with open(src, "rb") as inp, atomic_write(latest) as out:
+            _copy_file_contents(inp, out)
+    except OSError as exc:
+        reason = exc.strerror or _short(exc)
+        raise CheckpointError(f"cannot update {latest.name} in {latest.parent} (copying {src.name}): "
+                              f"{reason}") from None
+    return latest
+
+
+#: Temporary files of this project's writers: ``atomic_write`` (``.<name>.<pid>.<8 hex>.tmp``),
+#: ``save_denoiser_weights`` (``.<name>.<pid>.tmp``) and older trainers' ``last.<ext>.tmp``.
+_ATOMIC_TMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+_WEIGHTS_TMP = re.compile(r"^\.(?P<name>.+\.(?:pt|pth|safetensors))\.(?P<pid>\d+)\.tmp$")
+_LATEST_TMP = re.compile(r"^last\.(?:pt|safetensors)\.tmp$")
+
+#: When this module was imported: no temporary file of this process is older.
+_PROCESS_STARTED = time.time()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` (other than this one) may still be running; True when unknown."""
+    if os.name != "posix":
+        return False  # no safe probe (os.kill(pid, 0) would interrupt it on Windows): rely on the age
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that killed saves left in ``folder``; returns the paths removed.
+
+    Only files named as this project's writers name them are considered
+    (``.<name>.<pid>.<8 hex digits>.tmp`` from :func:`atomic_write`,
+    ``.<name>.pt.<pid>.tmp`` from denoiser weight saves, and ``last.pt.tmp`` /
+    ``last.safetensors.tmp`` from older versions' ``last.<ext>`` copies), only plain
+    files (not links or folders), and only those last modified before this
+    process started whose writer, where the name records it, is no longer
+    running: a save in progress in this or another process is never touched,
+    nor is any other file of the user's. Files that cannot be removed are skipped.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _ATOMIC_TMP.match(entry.name) or _WEIGHTS_TMP.match(entry.name)
+        if match is None and not _LATEST_TMP.match(entry.name):
+            continue
+        try:
+            if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+                continue
+            if entry.stat(follow_symlinks=False).st_mtime >= _PROCESS_STARTED:
+                continue  # written since this process started: possibly a save in progress
+            if match is not None:
+                pid = int(match.group("pid"))
+                if pid != os.getpid() and _pid_alive(pid):
+                    continue  # its writer may still be running
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except (OSError, ValueError):
+            continue
+    return removed
+
+
 # ---------------------------------------------------------------------------------------
 # Saving
 # ---------------------------------------------------------------------------------------
@@ -287,6 +404,10 @@ def _plain(obj: Any, where: str) -> Any:
         if obj.layout != torch.strided or obj.is_quantized:
             raise CheckpointError(f"cannot save checkpoint: {where} is a {obj.layout} tensor; "
                                   "only dense tensors are stored")
+        if obj.device.type == "meta":
+            raise CheckpointError(f"cannot save checkpoint: {where} is a meta tensor without data")
+        if _overlapping(obj):  # an expanded view: store its elements (readers refuse overlapping views)
+            return obj.detach().clone(memory_format=torch.contiguous_format)
         return obj.detach()
     if obj is None or isinstance(obj, (bool, str)):
         return str(obj) if isinstance(obj, str) and type(obj) is not str else obj
@@ -381,7 +502,26 @@ def save_checkpoint(path: str | os.PathLike, ckpt: Checkpoint) -> Path:
                 torch.save(content, fh)
     except OSError as exc:
         raise CheckpointError(f"cannot write checkpoint {path}: {exc.strerror or exc}") from None
+    except RuntimeError as exc:
+        # torch.save's C++ writer swallows the OSError of a failed write (a full disk, a
+        # quota) and reports only that the file position is not where it expected
+        raise CheckpointError(f"cannot write checkpoint {path}: {_write_failure(exc, path.parent)}") from None
     return path
+
+
+def _write_failure(exc: RuntimeError, folder: Path) -> str:
+    """What to say when the writer failed with a RuntimeError (how ``torch.save`` reports a full disk)."""
+    lines = str(exc).strip().splitlines()
+    detail = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", lines[0] if lines else "").strip()
+    detail = (detail[:117] + "...") if len(detail) > 120 else (detail or type(exc).__name__)
+    if not re.search(r"unexpected pos|writ|space|quota", detail, re.IGNORECASE):
+        return detail
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    space = f" {free / 2**20:.0f} MiB free there" if free is not None else ""
+    return f"the data could not be written (is the disk full?{space}): {detail}"
 
 
 # -- safetensors encoding ----------------------------------------------------------------
@@ -469,7 +609,12 @@ def _sniff(path: Path, name: str) -> str:
     # which is 0x80 (pickle's PROTO opcode) for one header length in 256
     if len(head) == 9 and head[8:9] == b"{":
         header_len = struct.unpack("<Q", head[:8])[0]
-        return "safetensors" if header_len + 8 <= size else "truncated-safetensors"
+        if header_len + 8 > size:
+            return "truncated-safetensors"
+        if header_len > MAX_SAFETENSORS_HEADER:
+            raise CheckpointError(f"{name}: refused: its safetensors header is {header_len} bytes, more than "
+                                  f"the {MAX_SAFETENSORS_HEADER} bytes a checkpoint header may have")
+        return "safetensors"
     if head.startswith(b"\x80"):
         return "pickle"
     return "other"
@@ -563,8 +708,12 @@ def _read_safetensors(path: Path, name: str, map_location) -> dict:
         raise
     except Exception as exc:
         raise CheckpointError(f"{name}: checkpoint is truncated or corrupt ({_short(exc)})") from None
+    text = metadata["equideq"]
+    if len(text) > MAX_METADATA_JSON:
+        raise CheckpointError(f"{name}: refused: its checkpoint metadata is {len(text)} characters of JSON, more "
+                              f"than the {MAX_METADATA_JSON} a checkpoint has")
     try:
-        document = json.loads(metadata["equideq"])
+        document = json.loads(text)
         if not isinstance(document, dict):
             raise ValueError("metadata is not a JSON object")
         if isinstance(document.get("format_version"), int) and document["format_version"] > FORMAT_VERSION:
@@ -576,6 +725,9 @@ def _read_safetensors(path: Path, name: str, map_location) -> dict:
         content["model_state"] = {k: tensors[f"model/{k}"] for k in model_keys}
     except CheckpointError:
         raise
+    except RecursionError:  # json and _decode recurse: "[[[[...]]]]" thousands deep
+        raise CheckpointError(f"{name}: checkpoint metadata is corrupt (its JSON is nested more than "
+                              f"{MAX_NESTING} levels deep)") from None
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{name}: checkpoint metadata is corrupt ({_short(exc)})") from None
     return content
@@ -588,6 +740,61 @@ def _newer_message(name: str, version: int) -> str:
 def _check_type(name: str, key: str, value: Any, types: tuple, label: str) -> None:
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise CheckpointError(f"{name}: field '{key}' should be {label}, found {type(value).__name__}")
+
+
+def _overlapping(t: torch.Tensor) -> bool:
+    """Whether two elements of ``t`` share memory (an ``expand`` or stride-0 ``as_strided`` view).
+
+    Computed from the sizes and strides alone (nothing is allocated): sorted by
+    stride, each dimension must step past everything the smaller ones reach.
+    A tensor without overlaps needs at least ``numel`` elements of storage, so
+    its logical size is bounded by the bytes the file really holds.
+    """
+    reach = 1  # elements spanned by the dimensions seen so far (max offset + 1)
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride < reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _tensor_problem(t: torch.Tensor) -> Optional[str]:
+    """Why ``t`` cannot be accepted from a file, or None; looks at metadata only."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).replace('torch.', '')} tensor; only dense tensors are accepted"
+    if t.device.type == "meta":
+        return "is a meta tensor without data"
+    if t.is_quantized:
+        return "is a quantized tensor; only dense tensors are accepted"
+    if t.numel() and _overlapping(t):
+        stored = t.untyped_storage().nbytes() // max(t.element_size(), 1)
+        return (f"is an expanded view that claims {_shape(t)} = {t.numel()} elements over a storage of "
+                f"{stored}; only dense tensors are accepted")
+    return None
+
+
+def _check_tree(content: Mapping, name: str) -> None:
+    """Refuse tensors that are not dense data and containers nested too deeply, anywhere in ``content``.
+
+    Iterative (no recursion), and reads only tensor metadata, so a hostile file
+    costs nothing here: in particular no full-size operation ever runs on a
+    view whose logical size is far beyond its storage (``torch.isfinite`` of a
+    stride-0 10^6 x 10^6 view would allocate a terabyte).
+    """
+    stack: list[tuple[Any, str, int]] = [(v, str(k), 1) for k, v in content.items()]
+    while stack:
+        obj, where, depth = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            problem = _tensor_problem(obj)
+            if problem:
+                raise CheckpointError(f"{name}: refused: tensor {where} {problem}")
+        elif isinstance(obj, (Mapping, list, tuple)):
+            if depth > MAX_NESTING:
+                raise CheckpointError(f"{name}: refused: {where.split('[')[0]} is nested more than "
+                                      f"{MAX_NESTING} levels deep")
+            items = obj.items() if isinstance(obj, Mapping) else enumerate(obj)
+            stack.extend((v, f"{where}[{k!r}]", depth + 1) for k, v in items
+                         if isinstance(v, (torch.Tensor, Mapping, list, tuple)))
 
 
 def _from_content(content: Any, name: str, source: str) -> Checkpoint:
@@ -605,6 +812,7 @@ def _from_content(content: Any, name: str, source: str) -> Checkpoint:
     _check_type(name, "format_version", version, (int,), "an integer")
     if version < 1:
         raise CheckpointError(f"{name}: invalid format_version {version}")
+    _check_tree(content, name)  # before any operation on a tensor's elements
     _check_type(name, "model_state", content["model_state"], (Mapping,), "a dict of tensors")
     for key, value in content["model_state"].items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
@@ -615,6 +823,8 @@ def _from_content(content: Any, name: str, source: str) -> Checkpoint:
     _check_type(name, "config", content["config"], (Mapping,), "a table")
     step = content.get("step", 0)
     _check_type(name, "step", step, (int,), "an integer")
+    if not 0 <= step <= MAX_STEP:
+        raise CheckpointError(f"{name}: field 'step' should be a step count from 0 to {MAX_STEP}, found {step}")
     metrics = content.get("metrics") or {}
     _check_type(name, "metrics", metrics, (Mapping,), "a dict")
     for key in ("optimizer_state", "scheduler_state", "rng_state"):
@@ -782,3 +992,194 @@ def check_state_matches(model_state: Mapping[str, torch.Tensor], module: torch.n
     if problems:
         more = f" ({len(problems) - 1} more mismatches)" if len(problems) > 1 else ""
         raise CheckpointError(f"{name} does not fit the model: {problems[0]}{more}")
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming: the stored optimiser / scheduler states against the objects they go into
+# ---------------------------------------------------------------------------------------
+
+#: Per-parameter state every non-empty entry of these optimisers holds (a missing one
+#: makes ``load_state_dict`` or the next step fail with a KeyError).
+_REQUIRED_PARAM_STATE = {"Adam": ("step", "exp_avg", "exp_avg_sq"), "AdamW": ("step", "exp_avg", "exp_avg_sq")}
+#: Optimiser flags that change how a step runs (on which devices, with which kernels):
+#: a stored value must agree with the optimiser's own (None and False alike).
+_EXECUTION_FLAGS = ("capturable", "differentiable", "fused")
+#: Scheduler fields that must be positive (a zero period divides by zero in ``step()``).
+_POSITIVE_SCHEDULER_FIELDS = ("T_max", "step_size", "T_0", "total_steps")
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _kind_problem(saved: Any, current: Any) -> Optional[str]:
+    """Why ``saved`` cannot stand in for ``current`` (a hyper-parameter / scheduler field), or None."""
+    if isinstance(current, bool):
+        return None if isinstance(saved, bool) else f"should be true or false, found {_describe(saved)}"
+    if current is None:
+        if saved is None or isinstance(saved, (bool, str)) or (_is_real(saved) and math.isfinite(saved)):
+            return None
+        return f"should be a flag or a number, found {_describe(saved)}"
+    if _is_real(current) or (isinstance(current, torch.Tensor) and current.numel() == 1):
+        if isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor) and saved.numel() == 1:
+            saved = float(saved)
+        if not _is_real(saved):
+            return f"should be a number, found {_describe(saved)}"
+        return None if math.isfinite(saved) else f"should be a finite number, found {saved}"
+    if isinstance(current, (list, tuple)):
+        if not isinstance(saved, (list, tuple)):
+            return f"should be a list of {len(current)}, found {_describe(saved)}"
+        if len(saved) != len(current):
+            return f"has {len(saved)} entries, the current one {len(current)}"
+        for i, (s, c) in enumerate(zip(saved, current)):
+            problem = _kind_problem(s, c)
+            if problem:
+                return f"entry {i} {problem}"
+        return None
+    if isinstance(current, str):
+        return None if isinstance(saved, str) else f"should be a string, found {_describe(saved)}"
+    if isinstance(current, Mapping):
+        return None if isinstance(saved, Mapping) else f"should be a dict, found {_describe(saved)}"
+    return None if type(saved) is type(current) else f"should be a {type(current).__name__}, found {_describe(saved)}"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {_shape(value)}"
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def _check_optimizer_state(state: Any, optimizer: torch.optim.Optimizer, fail) -> None:
+    if not isinstance(state, Mapping):
+        fail(f"optimizer_state is {_describe(state)}, not a dict")
+    saved_state, groups = state.get("state"), state.get("param_groups")
+    if not isinstance(saved_state, Mapping):
+        fail(f"optimizer_state['state'] should be a dict of per-parameter states, found {_describe(saved_state)}")
+    if not isinstance(groups, (list, tuple)):
+        fail(f"optimizer_state['param_groups'] should be a list, found {_describe(groups)}")
+    current = optimizer.param_groups
+    if len(groups) != len(current):
+        fail(f"the optimiser state has {len(groups)} parameter groups, the model's optimiser {len(current)}")
+    params: dict[int, torch.Tensor] = {}
+    flags: dict[int, Mapping] = {}
+    for gi, (group, now) in enumerate(zip(groups, current)):
+        where = f"optimizer_state['param_groups'][{gi}]"
+        if not isinstance(group, Mapping):
+            fail(f"{where} should be a dict, found {_describe(group)}")
+        ids = group.get("params")
+        if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            fail(f"{where}['params'] should be a list of parameter indices, found {_describe(ids)}")
+        if len(ids) != len(now["params"]):
+            fail(f"parameter group {gi} holds {len(ids)} parameters in the checkpoint but {len(now['params'])} "
+                 "in the model's optimiser")
+        for index, param in zip(ids, now["params"]):
+            if index in params:
+                fail(f"parameter index {index} appears twice in optimizer_state['param_groups']")
+            params[index] = param
+            flags[index] = group
+        for key, value in now.items():
+            if key in ("params", "param_names"):
+                continue
+            if key not in group:
+                if key != "initial_lr" and (_is_real(value) or isinstance(value, (tuple, list, torch.Tensor))):
+                    fail(f"{where} has no '{key}'")
+                continue  # a flag that newer PyTorch versions add with its default when loading
+            problem = _kind_problem(group[key], value)
+            if problem:
+                fail(f"{where}['{key}'] {problem}")
+            if key in _EXECUTION_FLAGS and bool(group[key]) != bool(value):
+                fail(f"{where}['{key}'] is {group[key]!r}, this optimiser runs with {value!r}")
+        _check_hyper_parameters(group, optimizer, where, fail)
+    required = _REQUIRED_PARAM_STATE.get(type(optimizer).__name__, ())
+    for index, entry in saved_state.items():
+        where = f"optimizer_state['state'][{index!r}]"
+        if index not in params:
+            fail(f"{where} belongs to no parameter of optimizer_state['param_groups']")
+        if not isinstance(entry, Mapping):
+            fail(f"{where} should be a dict, found {_describe(entry)}")
+        param = params[index]
+        needed = required + (("max_exp_avg_sq",) if required and flags[index].get("amsgrad") is True else ())
+        missing = [k for k in needed if entry and k not in entry]
+        if missing:
+            fail(f"{where} has no '{missing[0]}'")
+        for key, value in entry.items():
+            if not isinstance(key, str):
+                fail(f"{where} has a key {key!r} that is not a string")
+            if key == "step":
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = float(value)
+                if not _is_real(value) or not math.isfinite(value) or value < 0:
+                    fail(f"{where}['step'] should be a step count, found {_describe(value)}")
+            elif isinstance(value, torch.Tensor):
+                if tuple(value.shape) != tuple(param.shape):
+                    fail(f"{where}['{key}'] has shape {_shape(value)} but its parameter has shape {_shape(param)}")
+                if value.dtype == torch.bool or (value.is_complex() and not param.is_complex()):
+                    fail(f"{where}['{key}'] has dtype {str(value.dtype).replace('torch.', '')}, "
+                         f"its parameter {str(param.dtype).replace('torch.', '')}")
+            elif value is not None and not _is_real(value) and not isinstance(value, (bool, str)):
+                fail(f"{where}['{key}'] is {_describe(value)}")
+
+
+def _check_hyper_parameters(group: Mapping, optimizer: torch.optim.Optimizer, where: str, fail) -> None:
+    """Let the optimiser's own constructor judge the stored values (it refuses e.g. ``betas`` >= 1,
+    a negative ``lr``), on a one-element stand-in parameter; ``load_state_dict`` does not check them."""
+    try:
+        accepted = inspect.signature(type(optimizer).__init__).parameters
+    except (TypeError, ValueError):
+        return
+    kwargs = {k: v for k, v in group.items()
+              if k in accepted and k not in ("self", "params", "foreach") + _EXECUTION_FLAGS}
+    try:
+        type(optimizer)([torch.zeros(1, requires_grad=True)], **kwargs)
+    except (ValueError, TypeError, RuntimeError, KeyError) as exc:
+        fail(f"{where} is refused by {type(optimizer).__name__}: {_short(exc)}")
+
+
+def _check_scheduler_state(state: Any, scheduler, fail) -> None:
+    if not isinstance(state, Mapping):
+        fail(f"scheduler_state is {_describe(state)}, not a dict")
+    current = scheduler.state_dict()
+    kind = type(scheduler).__name__
+    for key, value in state.items():
+        if key not in current:
+            # load_state_dict copies every field into the scheduler object: an unknown one
+            # (e.g. 'optimizer') would replace its internals
+            fail(f"scheduler_state has field {key!r}, which a {kind} scheduler does not have")
+        problem = _kind_problem(value, current[key])
+        if problem:
+            fail(f"scheduler_state['{key}'] {problem}")
+        if key in _POSITIVE_SCHEDULER_FIELDS and _is_real(current[key]) and not value > 0:
+            fail(f"scheduler_state['{key}'] should be positive, found {value!r}")
+
+
+def check_resume_state(ckpt: Checkpoint, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
+                       scheduler: Any = None) -> None:
+    """Raise :class:`CheckpointError` unless ``ckpt`` can be loaded into these objects to continue a run.
+
+    Checked before anything is loaded, so that a crafted or mismatched file is
+    refused with one line naming it instead of failing inside PyTorch (or
+    later, in the first training step): the model state (:func:`check_state_matches`);
+    the optimiser state (a dict with ``state`` and ``param_groups``, as many
+    groups and parameters as ``optimizer`` has, hyper-parameters of the right
+    kind and finite, per-parameter tensors of their parameter's shape, a valid
+    ``step``, the entries the optimiser needs); the scheduler state (only
+    fields ``scheduler`` has, each of the right kind); and the metrics a
+    resumed run reads (``ei_weight``, ``jacobian_weight``: numbers). States
+    that are ``None`` in the checkpoint, or whose object is ``None``, are not checked.
+    """
+    name = ckpt.name
+
+    def fail(problem: str):
+        raise CheckpointError(f"{name}: cannot resume from it: {problem}")
+
+    check_state_matches(ckpt.model_state, model, name=name)
+    if optimizer is not None and ckpt.optimizer_state is not None:
+        _check_optimizer_state(ckpt.optimizer_state, optimizer, fail)
+    if scheduler is not None and ckpt.scheduler_state is not None:
+        _check_scheduler_state(ckpt.scheduler_state, scheduler, fail)
+    for key in ("ei_weight", "jacobian_weight"):
+        value = (ckpt.metrics or {}).get(key)
+        if value is not None and not _is_real(value):
+            fail(f"metrics['{key}'] should be a number, found {_describe(value)}")

@@ -243,13 +243,18 @@ class LoadedModel:
         }
 
 
-def model_from_config(config: ExperimentConfig, device: Optional[str] = None) -> LoadedModel:
-    """The configured DEQ with the default (shipped pretrained) denoiser weights."""
+def model_from_config(config: ExperimentConfig, device: Optional[str] = None, *,
+                      load_weights: bool = True) -> LoadedModel:
+    """The configured DEQ with the default (shipped pretrained) denoiser weights.
+
+    ``load_weights=False``: no weights file is read (``model.weights`` nor the
+    shipped one), for a caller that loads a checkpoint's state next.
+    """
     config = config.validate()
     dev = torch.device(device) if device else resolve_device(config.run.device)
     physics = build_physics(config.physics, dev, rng=torch.Generator(device=dev).manual_seed(config.data.seed))
     physics.noise_model.rng = None
-    model = build_model(config, dev).eval()
+    model = build_model(config, dev, load_weights=load_weights).eval()
     return LoadedModel(model=model, config=config, physics=physics, device=dev)
 
 
@@ -257,7 +262,10 @@ def load_model(path: str | Path, device: Optional[str] = None) -> LoadedModel:
     """A model from a checkpoint file (safe load; mismatches raise CheckpointError)."""
     ckpt = load_checkpoint(path)
     config = ckpt.experiment_config()
-    loaded = model_from_config(config, device)
+    if device is None and config.run.device == "cuda" and not torch.cuda.is_available():
+        device = "cpu"  # trained on a GPU, used on a machine without one: the weights run anywhere
+    # the checkpoint holds every weight: never read model.weights (it may have moved since)
+    loaded = model_from_config(config, device, load_weights=False)
     check_state_matches(ckpt.model_state, loaded.model, name=ckpt.name)
     loaded.model.load_state_dict(ckpt.model_state)
     loaded.model.eval()
