@@ -119,7 +119,8 @@ def cmd_train(args) -> int:
     control = RunControl()
     observers = Observers()
     # the bar starts after the set-up succeeded, so a set-up error is the only line on stderr
-    trainer = Trainer(config, run_dir=args.out, observers=observers, control=control, resume_from=args.resume)
+    trainer = Trainer(config, run_dir=args.out, observers=observers, control=control, resume_from=args.resume,
+                      overwrite=getattr(args, "overwrite", False))
     printer = _ProgressPrinter(config.optim.steps, start=trainer.step, quiet=args.quiet)
     observers.add(printer)
     _install_stop_handlers(control)
@@ -217,7 +218,9 @@ def _check_slice(index: int, count: int) -> None:
 def cmd_reconstruct(args) -> int:
     from engine.export import export_image
     from engine.inference import load_model
+    from engine.outputs import check_output_file
 
+    check_output_file(args.output, [args.input, args.checkpoint], overwrite=args.overwrite)
     loaded = load_model(args.checkpoint)
     description = f"EquiDEQ DEQ reconstruction ({loaded.config.deq.gradient})"
     meas, scan = _measured_input(args.input, loaded)
@@ -251,7 +254,9 @@ def cmd_demo(args) -> int:
     from engine.data import pydicom_test_file
 
     out = args.out or tempfile.mkdtemp(prefix="equideq-demo-")
-    ns = argparse.Namespace(config=None, set=[f"optim.steps={args.steps}"], out=out, resume=None, quiet=False)
+    steps = [f"optim.steps={args.steps}"] if args.steps else []
+    ns = argparse.Namespace(config=None, set=steps, out=out, resume=None, quiet=False,
+                            overwrite=args.overwrite)
     code = cmd_train(ns)
     if code != 0:
         return code
@@ -285,9 +290,11 @@ def cmd_check_gradients(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from engine.outputs import check_output_file
     from engine.physics import image_channels
     from engine.pretrain import PretrainSettings, main_pretrain
 
+    check_output_file(args.output, [args.config], overwrite=args.overwrite)
     config = _config_with_overrides(args.config, args.set)
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     settings = PretrainSettings(sources=sources, steps=args.steps, image_size=args.image_size, patch=args.size,
@@ -317,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a DEQ from a config")
     p.add_argument("--config", help="TOML/YAML config file or built-in name (default ct_phantom_quick)")
     p.add_argument("--out", required=True, help="run directory (config, metrics.jsonl, checkpoints)")
-    p.add_argument("--resume", help="checkpoint to continue from")
+    p.add_argument("--resume", help="checkpoint to continue from (RUN_DIR may then hold that run)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in RUN_DIR (its config, metrics and checkpoints are deleted)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -334,13 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
                                            "k-space/sinogram files from their stored measurements")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True)
+    p.add_argument("--output", required=True, help="image file (.npy .png .h5 .dcm); never the input")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--slice", type=int, help="slice index (default: the middle one)")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("demo", help="a short self-supervised CT run on phantoms, evaluated on a real CT slice")
     p.add_argument("--out", help="run directory (default: a temporary one)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--steps", type=int, help="training steps (default: the config's, 20)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("check-gradients", help="implicit and JFB gradients vs unrolled autograd (float64)")
@@ -355,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(phantoms, training slices of the shipped scans, natural images)")
     p.add_argument("--config", help="config file or built-in name (its model and modality are used)")
     p.add_argument("--output", required=True, help="weights file (.pt or .safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--sources", default="phantoms",
                    help="comma-separated: phantoms, head_ct, colin27, natural (training slices only; default phantoms)")
     p.add_argument("--steps", type=int, default=1500)

@@ -200,10 +200,11 @@ class ConvSpectralNorm(nn.Module):
         u = torch.randn(1, conv.in_channels, n, n, dtype=weight.dtype, device=weight.device)
         self.register_buffer("u", u / u.norm())
         self.register_buffer("sigma", torch.ones((), dtype=weight.dtype, device=weight.device))
-        self._weight_key = None
+        self._weight_key = None  # the weight sigma was last measured for
+        self._advanced_key = None  # the weight u was last advanced for in training
         with torch.no_grad():
             self._update(weight, int(init_iters))
-        self._weight_key = _tensor_key(conv.weight)
+        self._weight_key = self._advanced_key = _tensor_key(conv.weight)
 
     # The operator and its adjoint -----------------------------------------------------
     def apply_conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -236,20 +237,25 @@ class ConvSpectralNorm(nn.Module):
     def refresh(self, weight: torch.Tensor, n_iters: int = 100) -> float:
         """Run ``n_iters`` more power iterations on ``weight``; returns the new sigma."""
         self._update(weight, n_iters)
-        self._weight_key = _tensor_key(weight)
+        self._weight_key = self._advanced_key = _tensor_key(weight)
         return float(self.sigma)
 
     # Parametrisation ------------------------------------------------------------------
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         key = _tensor_key(weight)
-        changed = key is not None and key != self._weight_key
-        if changed and not _inside_functorch_transform():
-            # New weights: advance u by SPECTRAL_NORM_TRAIN_ITERS iterations (training
-            # only, so that evaluation never moves the estimate) and re-measure sigma,
-            # keeping the invariant sigma = ||A_W u|| for the current W.
-            self._update(weight, SPECTRAL_NORM_TRAIN_ITERS if self.training else 0)
-            self._weight_key = key
-            changed = False
+        if key is not None and not _inside_functorch_transform():
+            if self.training and key != self._advanced_key:
+                # New weights in training: advance u by SPECTRAL_NORM_TRAIN_ITERS iterations
+                # and re-measure sigma, keeping the invariant sigma = ||A_W u|| for the current W.
+                self._update(weight, SPECTRAL_NORM_TRAIN_ITERS)
+                self._weight_key = self._advanced_key = key
+            elif key != self._weight_key:
+                # New weights in evaluation: re-measure sigma only (evaluation never moves u), and
+                # leave the advance to the next training forward, exactly as after a checkpoint load
+                # (which is why resuming from a step that validated is bit-exact).
+                self._update(weight, 0)
+                self._weight_key = key
+        changed = key is not None and key != self._weight_key  # only inside torch.func transforms
         if changed or (self.training and torch.is_grad_enabled() and weight.requires_grad):
             # Differentiable (and, inside torch.func transforms, which forbid
             # mutating buffers, stateless) sigma = ||A_W u||; equal in value to
@@ -277,7 +283,7 @@ def conv_spectral_norm(conv: nn.Conv2d, input_size: int = SPECTRAL_NORM_INPUT_SI
     sn = ConvSpectralNorm(conv, input_size, init_iters)
     parametrize.register_parametrization(conv, "weight", sn)
     # Registration re-sets the raw weight in place (bumping its version); it is unchanged.
-    sn._weight_key = _tensor_key(conv.parametrizations.weight.original)
+    sn._weight_key = sn._advanced_key = _tensor_key(conv.parametrizations.weight.original)
     return conv
 
 

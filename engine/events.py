@@ -9,10 +9,16 @@ writer can all keep them safely.
 from __future__ import annotations
 
 import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -171,11 +177,18 @@ class Observers:
 
 
 class RunControl:
-    """Thread-safe pause / resume / stop flags shared by a run and its controller.
+    """Thread-safe pause / resume / stop flags and a command queue shared by a run and its controller.
 
-    The trainer checks :meth:`checkpoint` between steps and solvers call
+    The trainer checks :meth:`wait_while_paused` between steps and solvers call
     :meth:`should_stop_solve` between iterations, so a stop takes effect within
     one solver iteration and "keep current iterate" ends a long solve early.
+
+    Anything that reads or changes the trainer's live state from another thread
+    (save a checkpoint, copy the weights, change a setting) goes through
+    :meth:`submit`: the training thread runs it between steps (also while
+    paused), so it never sees a half-applied optimiser step. When no run is in
+    its loop, :meth:`submit` runs the command at once in the caller's thread,
+    since nothing else is touching the state then.
     """
 
     def __init__(self) -> None:
@@ -183,16 +196,21 @@ class RunControl:
         self._resume.set()
         self._stop = threading.Event()
         self._keep_iterate = threading.Event()
+        self._wake = threading.Condition()
+        self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._serving_thread: Optional[int] = None
 
     def pause(self) -> None:
         self._resume.clear()
 
     def resume(self) -> None:
         self._resume.set()
+        self._notify()
 
     def stop(self) -> None:
         self._stop.set()
         self._resume.set()
+        self._notify()
 
     def keep_current_iterate(self) -> None:
         """Ask the solve in progress to return its current iterate now."""
@@ -213,6 +231,68 @@ class RunControl:
         return self._stop.is_set()
 
     def wait_while_paused(self, timeout: Optional[float] = None) -> bool:
-        """Block while paused; returns False if a stop was requested."""
-        self._resume.wait(timeout)
+        """Run queued commands, then block while paused (running commands that arrive meanwhile).
+
+        Returns False if a stop was requested.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.run_commands()
+            if self._resume.is_set():
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            with self._wake:
+                if not self._commands and not self._resume.is_set():
+                    self._wake.wait(remaining)
         return not self._stop.is_set()
+
+    # -- commands into the training thread ---------------------------------------------------
+    def submit(self, command: Callable[[], T]) -> "Future[T]":
+        """Run ``command()`` in the training thread between steps; returns a Future of its result."""
+        future: Future = Future()
+        with self._wake:
+            serving = self._serving_thread
+            if serving is not None and serving != threading.get_ident():
+                self._commands.append((command, future))
+                self._wake.notify_all()
+                return future
+        _run_into(command, future)  # no loop is running, or we are the training thread
+        return future
+
+    def run_commands(self) -> int:
+        """Run the queued commands (call from the training thread); returns how many ran."""
+        count = 0
+        while True:
+            with self._wake:
+                if not self._commands:
+                    return count
+                command, future = self._commands.popleft()
+            _run_into(command, future)
+            count += 1
+
+    @contextmanager
+    def serving(self) -> Iterator[None]:
+        """Mark the calling thread as the training thread for the duration of a run's loop."""
+        with self._wake:
+            self._serving_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._serving_thread = None
+            self.run_commands()  # whatever was queued before the loop ended
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+
+def _run_into(command: Callable[[], Any], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(command())
+    except BaseException as exc:  # handed to the caller through the future
+        future.set_exception(exc)

@@ -17,6 +17,7 @@ from engine.config import ExperimentConfig, ModelConfig
 from engine.data_fidelity import resolve_fidelity
 from engine.deq import DEQReconstructor, FixedPointOperator
 from engine.denoisers import build_denoiser, load_denoiser_weights
+from engine.errors import ConfigError
 from engine.events import RunControl
 from engine.physics import image_channels
 from engine.solvers import SolverOptions
@@ -37,6 +38,10 @@ def default_weights(model_cfg: ModelConfig, in_channels: int) -> Optional[Path]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``run.device`` as a torch device: ``auto`` picks CUDA when it works; ``cuda`` without it is refused."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device = 'cuda', but this machine has no working CUDA device "
+                          "(torch.cuda.is_available() is False); use run.device = 'auto' or 'cpu'")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
     return torch.device("cpu")

@@ -34,7 +34,6 @@ import copy
 import json
 import math
 import os
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,8 +43,8 @@ import numpy as np
 import torch
 
 from engine import __version__
-from engine.checkpoint import (Checkpoint, capture_rng_state, check_compatible, load_checkpoint,
-                               save_checkpoint)
+from engine.checkpoint import (Checkpoint, capture_rng_state, check_compatible, check_resume_state, load_checkpoint,
+                               publish_latest, remove_stale_temp_files, save_checkpoint)
 from engine.config import ExperimentConfig, save_config
 from engine.data import load_training_images
 from engine.data.measurements import load_measurement_data, measurement_metrics, measurement_physics
@@ -55,6 +54,7 @@ from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, R
 from engine.losses import TrainingLoss
 from engine.metrics import equivariance_error, psnr, ssim
 from engine.model import build_model, resolve_device
+from engine.outputs import METRICS_FILE, claim_run_dir, truncate_metrics
 from engine.physics import baseline, build_physics, describe, to_display, to_model_space
 from engine.regularisers import JacobianSpectralPenalty
 from engine.solvers import SolveStats
@@ -73,9 +73,20 @@ def seed_for_step(seed: int, step: int) -> int:
 
 def configure_threads(requested: int) -> int:
     """Torch threads for the engine: ``cores - 1`` (at least 1) unless set, leaving a core to the GUI."""
+    if not isinstance(requested, int) or requested < 0:
+        raise ConfigError(f"threads must be 0 (automatic) or a positive count, got {requested}")
     threads = requested or max(1, (os.cpu_count() or 2) - 1)
     torch.set_num_threads(threads)
     return threads
+
+
+def oversubscription_note(threads: int) -> Optional[str]:
+    """A warning when more torch threads than cores are asked for (measured: 256 on 2 cores ran ~10x slower)."""
+    cores = os.cpu_count() or 1
+    if threads > cores:
+        return (f"{threads} threads on {cores} cores: oversubscribed threads slow training down many times; "
+                f"use run.threads = 0 (automatic) or at most {cores}")
+    return None
 
 
 def measurement_image(y: torch.Tensor, modality: str) -> np.ndarray:
@@ -117,11 +128,13 @@ class Trainer:
 
     def __init__(self, config: ExperimentConfig, run_dir: Optional[str | Path] = None,
                  observers: Optional[Observers] = None, control: Optional[RunControl] = None,
-                 resume_from: Optional[str | Path] = None, device: Optional[str] = None):
+                 resume_from: Optional[str | Path] = None, device: Optional[str] = None,
+                 overwrite: bool = False):
         self.config = config.validate()
         self.observers = observers if observers is not None else Observers()
         self.control = control if control is not None else RunControl()
-        self.run_dir = Path(run_dir) if run_dir else None
+        # refused before any data is read: an existing run is replaced only on request
+        self.run_dir = claim_run_dir(run_dir, resuming=resume_from is not None, overwrite=overwrite) if run_dir else None
         self.device = torch.device(device) if device else resolve_device(config.run.device)
         self.threads = configure_threads(config.run.threads)
         cfg = self.config
@@ -137,7 +150,7 @@ class Trainer:
         # From here on the noise of EI's A T_g x comes from the global, per-step seeded RNG.
         self.physics.noise_model.rng = None
 
-        self.model = build_model(cfg, self.device, control=self.control)
+        self.model = build_model(cfg, self.device, control=self.control, load_weights=resume_from is None)
         self.model.on_solve = self._on_solve
         self.model.on_fixed_point = self._on_fixed_point
         jac = cfg.jacobian
@@ -210,17 +223,28 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> str:
         """Train to ``optim.steps``; returns ``completed``, ``stopped`` or ``failed``."""
+        with self.control.serving():  # commands from other threads run here, between steps
+            return self._run()
+
+    def _run(self) -> str:
         cfg = self.config
         total = cfg.optim.steps
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
+            remove_stale_temp_files(self.run_dir)  # what killed saves left behind
+        dropped = truncate_metrics(self.run_dir, self.step) if self.run_dir is not None else 0
         self.observers.emit(RunStarted(run_dir=str(self.run_dir) if self.run_dir else None, config=cfg.to_dict(),
                                        device=str(self.device), total_steps=total, start_step=self.step))
         self._log("info", f"training on {self.device} ({self.threads} threads): {describe(cfg.physics)}, "
                           f"{len(self.train_set)} training measurements, loss {cfg.loss.mode}, gradient {cfg.deq.gradient}")
         for note in self.data_notes:
             self._log("warning", note)
+        if oversubscription_note(self.threads):
+            self._log("warning", oversubscription_note(self.threads))
+        if dropped:
+            self._log("info", f"{METRICS_FILE}: removed {dropped} records of steps after {self.step}, "
+                              "the checkpoint this run continues from")
         try:
             if self.loss.needs_alpha:
                 self._balance_alpha()
@@ -454,12 +478,18 @@ class Trainer:
             fh.write(json.dumps(record) + "\n")
 
     def make_checkpoint(self) -> Checkpoint:
+        """The current state as a :class:`Checkpoint` of *copies* (call between steps: see :meth:`save_checkpoint`).
+
+        Copies, because on the CPU ``.cpu()`` returns the live parameter and the
+        optimiser's ``state_dict()`` holds its live moment tensors: a checkpoint
+        written while the next step runs would mix two steps.
+        """
         return Checkpoint(
-            model_state={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            model_state=self.weights_copy(),
             config=self.config.to_dict(),
             step=self.step,
-            optimizer_state=self.optimizer.state_dict(),
-            scheduler_state=self.scheduler.state_dict() if self.scheduler is not None else None,
+            optimizer_state=copy.deepcopy(self.optimizer.state_dict()),
+            scheduler_state=copy.deepcopy(self.scheduler.state_dict()) if self.scheduler is not None else None,
             metrics={"ei_weight": self.loss.alpha if self.loss.alpha is not None else float("nan"),
                      "jacobian_weight": float(self.penalty.weight),
                      **{k: v for k, v in self.last_validation.items() if isinstance(v, float)}},
@@ -469,9 +499,25 @@ class Trainer:
             created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
 
+    def weights_copy(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the model's state dict (call between steps, or through :meth:`between_steps`)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def between_steps(self, command):
+        """Run ``command()`` in the training thread between steps and return its result (any thread).
+
+        While no run is in its loop the command runs at once. Blocks the caller
+        for at most the rest of the current step.
+        """
+        return self.control.submit(command).result()
+
     def save_checkpoint(self, path: str | Path) -> Path:
-        """Save the current state to ``path`` (atomic); returns the path."""
-        path = save_checkpoint(path, self.make_checkpoint())
+        """Save the current state to ``path`` (atomic) from any thread; returns the path.
+
+        The state is captured between steps by the training thread; the file is
+        written by the calling thread.
+        """
+        path = save_checkpoint(path, self.between_steps(self.make_checkpoint))
         self.observers.emit(CheckpointSaved(step=self.step, path=str(path)))
         return Path(path)
 
@@ -482,15 +528,14 @@ class Trainer:
         path = self.save_checkpoint(self.run_dir / f"checkpoint_{self.step:06d}.{ext}")
         # last.<ext> always names the newest complete checkpoint (copied, then renamed: atomic)
         latest = self.run_dir / f"last.{ext}"
-        tmp = latest.with_name(latest.name + ".tmp")
-        shutil.copyfile(path, tmp)
-        os.replace(tmp, latest)
+        publish_latest(path, latest)
         self.last_checkpoint = latest
 
     def restore(self, path: str | Path) -> None:
         """Continue from a checkpoint: model, optimiser, scheduler, step, alpha."""
         ckpt = load_checkpoint(path)
         check_compatible(ckpt, self.config)
+        check_resume_state(ckpt, self.model, self.optimizer, self.scheduler)  # refuse before loading anything
         self.model.load_state_dict(ckpt.model_state)
         if ckpt.optimizer_state is not None:
             self.optimizer.load_state_dict(ckpt.optimizer_state)

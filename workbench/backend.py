@@ -26,6 +26,15 @@ def make_trainer(config, run_dir=None, observers=None, control=None, resume_from
     return Trainer(config, run_dir=run_dir, observers=observers, control=control, resume_from=resume_from)
 
 
+def new_run_dir(root: str, name: str) -> str:
+    """A fresh ``<root>/<timestamp>-<safe run name>`` folder path (not created)."""
+    import time
+
+    from engine.outputs import new_run_dir as _new
+
+    return str(_new(root, name, time.strftime("%Y%m%d-%H%M%S")))
+
+
 def load_model(path: str):
     from engine.inference import load_model as _load
 
@@ -41,10 +50,11 @@ def model_from_config(config):
 class TrainerModelView:
     """A LoadedModel that mirrors a trainer's current weights, for reconstruct/equivariance.
 
-    Built once per trainer from its config, then refreshed from a copy of the
-    trainer's state dict on every use, so probing the model never switches the
-    live training model to eval mode or races its autograd graph. Call from a
-    worker thread.
+    Built once per trainer from its config, then refreshed on every use from a
+    copy of the trainer's weights that the training thread makes between steps
+    (``Trainer.between_steps``), so probing the model never switches the live
+    training model to eval mode, races its autograd graph, or sees half of an
+    optimiser step. Call from a worker thread.
     """
 
     def __init__(self) -> None:
@@ -58,7 +68,10 @@ class TrainerModelView:
         if self._loaded is None or self._trainer is not trainer:
             self._loaded = model_from_config(trainer.config)
             self._trainer = trainer
-        state = {k: v.detach().clone() for k, v in live.state_dict().items()}
+        if hasattr(trainer, "between_steps"):  # copied by the training thread between steps
+            state = trainer.between_steps(trainer.weights_copy)
+        else:
+            state = {k: v.detach().clone() for k, v in live.state_dict().items()}
         self._loaded.model.load_state_dict(state)
         self._loaded.model.eval()
         return self._loaded
@@ -90,8 +103,17 @@ def ct_windows() -> dict:
         return dict(_FALLBACK_CT_WINDOWS)
 
 
-def export_image(image, path, window=None, source_scan=None, description="", checkpoint_name=""):
+def check_output_file(path, inputs) -> None:
+    """Refuse ``path`` when it is one of ``inputs`` (replacing other files was confirmed in the dialog)."""
+    from engine.outputs import check_output_file as _check
+
+    _check(path, [p for p in inputs if p], overwrite=True)
+
+
+def export_image(image, path, window=None, source_scan=None, description="", checkpoint_name="", inputs=()):
     from engine.export import export_image as _export
+
+    check_output_file(path, inputs)
 
     return _export(image, path, window=window, source_scan=source_scan, description=description,
                    checkpoint_name=checkpoint_name)

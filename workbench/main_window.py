@@ -308,11 +308,7 @@ class MainWindow(QMainWindow):
         resume = self.state.checkpoint_path if self.state.model_source == "checkpoint" else None
         run_dir = None
         if self.run_root:
-            run_dir = os.path.join(self.run_root, time.strftime("%Y%m%d-%H%M%S") + f"-{cfg.run.name}")
-            n = 1
-            while os.path.exists(run_dir):
-                run_dir = run_dir.rstrip("0123456789-_") + f"-{n}"
-                n += 1
+            run_dir = backend.new_run_dir(self.run_root, cfg.run.name)  # a safe name inside the root
         self.residuals.clear()
         self.losses.clear()
         self.reconstructions.clear()
@@ -718,10 +714,12 @@ class MainWindow(QMainWindow):
     def save_checkpoint(self, path: str, then: Optional[Callable] = None) -> None:
         trainer = self.training.trainer if self._use_trainer_model else None
         source = self.state.checkpoint_path
+        scan_path = self.state.scan_path
 
         def job():
+            backend.check_output_file(path, [scan_path])  # the dialog asked about replacing
             if trainer is not None:
-                trainer.save_checkpoint(path)
+                trainer.save_checkpoint(path)  # captured by the training thread between steps
             elif source and os.path.abspath(source) != os.path.abspath(path):
                 shutil.copyfile(source, path)
             elif not source:
@@ -747,6 +745,9 @@ class MainWindow(QMainWindow):
             if not os.path.splitext(path)[1]:
                 ext = {"PNG": ".png", "NumPy": ".npy", "DICOM": ".dcm", "HDF5": ".h5"}
                 path += next((v for k, v in ext.items() if chosen.startswith(k)), ".png")
+                # the dialog confirmed the name without the suffix, not this file
+                if os.path.exists(path) and not self.confirm("Replace file?", f"{path} exists. Replace it?"):
+                    return
             self.export_reconstruction(path)
 
     def export_reconstruction(self, path: str, then: Optional[Callable] = None) -> None:
@@ -766,8 +767,9 @@ class MainWindow(QMainWindow):
             if then:
                 then()
 
+        inputs = [self.state.scan_path, self.state.checkpoint_path]  # never written over, even if confirmed
         self.tasks.submit(lambda: backend.export_image(image.copy(), path, window=window, source_scan=scan,
-                                                       description=desc, checkpoint_name=ckpt),
+                                                       description=desc, checkpoint_name=ckpt, inputs=inputs),
                           done, lambda exc: self._report("Export failed", exc), name="export")
 
     def open_config_dialog(self) -> None:

@@ -1,0 +1,140 @@
+"""Where the engine writes: run folders and output files, never over an input, never over a user's file unasked.
+
+* :func:`claim_run_dir` — a training run's folder: new or empty, the folder of the
+  run being resumed, or (with ``overwrite``) an old run whose files are removed
+  first, so that no old checkpoint sits beside the new run's.
+* :func:`truncate_metrics` — on resume, ``metrics.jsonl`` keeps only the records
+  up to the checkpoint's step, so each step appears once.
+* :func:`check_output_file` — an export or weights file: never one of the
+  inputs, and not an existing file unless ``overwrite``.
+* :func:`run_folder_name` — a config's ``run.name`` as a safe file name (the
+  workbench's timestamped run folders stay inside their root).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Iterable, Optional
+
+from engine.errors import EquiDEQError
+
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.toml"
+#: The files a training run writes into its folder (and only these are removed by ``overwrite``).
+RUN_FILE_PATTERNS = (CONFIG_FILE, METRICS_FILE, "checkpoint_*.pt", "checkpoint_*.safetensors",
+                     "last.pt", "last.safetensors", "last.pt.tmp", "last.safetensors.tmp", ".checkpoint_*.tmp",
+                     ".last.*.tmp")
+MAX_RUN_NAME = 64
+
+
+class OutputExistsError(EquiDEQError):
+    """An output that exists already, written only with ``--overwrite``."""
+
+
+def _run_files(folder: Path) -> list[Path]:
+    found: dict[Path, None] = {}
+    for pattern in RUN_FILE_PATTERNS:
+        found.update(dict.fromkeys(sorted(folder.glob(pattern))))
+    return list(found)
+
+
+def claim_run_dir(folder: str | os.PathLike, *, resuming: bool = False, overwrite: bool = False) -> Path:
+    """Make ``folder`` ready for a training run, or refuse with a message that says what to do.
+
+    A missing or empty folder is used as is. A folder with other content is
+    refused unless the run resumes (``resuming``: the old records are kept and
+    later truncated to the checkpoint's step) or ``overwrite`` is given: then
+    the previous run's own files (config, metrics, checkpoints) are deleted and
+    any other file in the folder is left alone.
+    """
+    path = Path(folder)
+    if path.exists() and not path.is_dir():
+        raise EquiDEQError(f"run directory {path} is a file, not a folder")
+    if not path.exists() or not any(path.iterdir()) or resuming:
+        return path
+    if not overwrite:
+        what = "a previous run" if _run_files(path) else "other files"
+        raise OutputExistsError(f"run directory {path} already holds {what}; choose a new --out, "
+                                "continue it with --resume CHECKPOINT, or replace it with --overwrite")
+    for file in _run_files(path):
+        file.unlink()
+    return path
+
+
+def _record_step(record: object) -> Optional[int]:
+    if not isinstance(record, dict):
+        return None
+    inner = record.get("validation")
+    step = inner.get("step") if isinstance(inner, dict) else record.get("step")
+    return step if isinstance(step, int) else None
+
+
+def truncate_metrics(folder: str | os.PathLike, step: int) -> int:
+    """Drop the records of ``metrics.jsonl`` after ``step`` (and torn lines); returns how many went.
+
+    Used when a run resumes from the checkpoint of ``step``: the records of the
+    abandoned steps after it would otherwise appear twice. Written atomically.
+    """
+    path = Path(folder) / METRICS_FILE
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record_step = _record_step(json.loads(line))
+            except json.JSONDecodeError:  # a line torn by a kill
+                record_step = None
+            if record_step is not None and record_step <= step:
+                kept.append(line if line.endswith("\n") else line + "\n")
+            else:
+                dropped += bool(line.strip())
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
+    return dropped
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_output_file(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (),
+                      *, overwrite: bool = False) -> Path:
+    """Refuse to write ``output`` over one of ``inputs`` (ever) or over an existing file (unless ``overwrite``)."""
+    out = Path(output)
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given)
+        if _same_file(out, source) or out.resolve() == source.resolve():
+            raise EquiDEQError(f"output {out} is the input {source}: refusing to overwrite an input; "
+                               "choose another output file")
+    if out.is_dir():
+        raise EquiDEQError(f"output {out} is a folder; give a file name")
+    if out.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} exists; choose another name or pass --overwrite")
+    return out
+
+
+def run_folder_name(name: str) -> str:
+    """``run.name`` as one safe path component: letters, digits, ``.-_``; never ``..`` or empty."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)).strip("._-")[:MAX_RUN_NAME]
+    return safe or "run"
+
+
+def new_run_dir(root: str | os.PathLike, name: str, stamp: str) -> Path:
+    """A folder ``<root>/<stamp>-<safe name>`` that does not exist yet (``-1``, ``-2``, ... appended)."""
+    root_path = Path(root)
+    base = f"{stamp}-{run_folder_name(name)}"
+    candidate, n = root_path / base, 1
+    while candidate.exists():
+        candidate, n = root_path / f"{base}-{n}", n + 1
+    return candidate
