@@ -76,7 +76,7 @@ def test_residuals_panel_plots_the_spectral_radius_and_safeguard_actions(qtbot):
     marked = panel.radius_acted_scatter.getData()
     np.testing.assert_array_equal(marked[0], [20, 40])  # where the safeguard acted
     assert panel.radius_limit_line.isVisible() and panel.radius_limit_line.value() == pytest.approx(1.0)
-    assert "1.020, not contractive" in panel.radius_plot.titleLabel.text
+    assert "= 1.020, not contractive" in panel.radius_plot.titleLabel.text
     panel.clear()
     cleared = panel.radius_curve.getData()[0]
     assert cleared is None or len(cleared) == 0

@@ -142,7 +142,7 @@ class ResidualsModel:
             return "Spectral radius of dF/dx"
         last = self.radius_y[-1]
         state = "contractive" if last < 1 else "not contractive"
-        return f"Spectral radius of dF/dx ({last:.3f}, {state})"
+        return f"\u03c1(dF/dx) at x* = {last:.3f}, {state}"
 
     def reason_summary(self) -> str:
         parts = []
