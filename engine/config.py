@@ -16,8 +16,24 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from engine.data_fidelity import resolve_fidelity
 from engine.errors import ConfigError
+
+# Names of the data-consistency steps (engine/data_fidelity.py implements them). Kept here, with the rule
+# of which one a config may use, so that reading and validating a config never imports torch.
+FIDELITIES = ("l2", "ramp")
+
+
+def resolve_fidelity(name: str, modality: str, operator: str) -> str:
+    """``auto`` -> ``ramp`` for CT with the PGD operator, else ``l2``; explicit names are checked."""
+    if name == "auto":
+        return "ramp" if modality == "ct" and operator == "pgd" else "l2"
+    if name not in FIDELITIES:
+        raise ValueError(f"unknown data fidelity '{name}' (known: auto, {', '.join(FIDELITIES)})")
+    if name == "ramp" and modality != "ct":
+        raise ValueError("deq.data_fidelity = 'ramp' is a CT sinogram weight; MRI uses 'l2' (or 'auto')")
+    if name == "ramp" and operator != "pgd":
+        raise ValueError("deq.data_fidelity = 'ramp' needs deq.operator = 'pgd' (HQS's proximal step is plain l2)")
+    return name
 
 
 def _f(default, *, choices=None, min=None, max=None, doc="", factory=None):

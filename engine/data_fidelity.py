@@ -46,9 +46,10 @@ import weakref
 
 import torch
 
+from engine.config import FIDELITIES, resolve_fidelity  # the choice is config-level, torch-free
+
 __all__ = ["FIDELITIES", "RAMP_FLOOR", "L2Fidelity", "RampFilteredL2", "build_fidelity", "resolve_fidelity"]
 
-FIDELITIES = ("l2", "ramp")
 
 #: Floor of the ramp weight, as a fraction of its maximum (0.05 measured best of 0, 0.05, 0.2).
 RAMP_FLOOR = 0.05
@@ -57,19 +58,6 @@ RAMP_FLOOR = 0.05
 LIPSCHITZ_ITERS = 50
 
 _RAMP_LIPSCHITZ: dict = {}
-
-
-def resolve_fidelity(name: str, modality: str, operator: str) -> str:
-    """``auto`` -> ``ramp`` for CT with the PGD operator, else ``l2``; explicit names are checked."""
-    if name == "auto":
-        return "ramp" if modality == "ct" and operator == "pgd" else "l2"
-    if name not in FIDELITIES:
-        raise ValueError(f"unknown data fidelity '{name}' (known: auto, {', '.join(FIDELITIES)})")
-    if name == "ramp" and modality != "ct":
-        raise ValueError("deq.data_fidelity = 'ramp' is a CT sinogram weight; MRI uses 'l2' (or 'auto')")
-    if name == "ramp" and operator != "pgd":
-        raise ValueError("deq.data_fidelity = 'ramp' needs deq.operator = 'pgd' (HQS's proximal step is plain l2)")
-    return name
 
 
 class L2Fidelity:

@@ -81,7 +81,7 @@ def load_scan(path: str):
     try:
         from engine.data import load_scan as _load
     except ImportError:
-        from engine.data.scans import load_scan as _load
+        from engine.data.loading import load_scan as _load
     return _load(path)
 
 

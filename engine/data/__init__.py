@@ -32,7 +32,8 @@ from engine.data.intensity import (
 )
 from engine.data.phantoms import PHANTOM_KINDS, phantom_batch, random_ellipses, shepp_logan
 from engine.data.real_data import colin27_t1_path, invesalius_head_ct_path, pydicom_test_file
-from engine.data.scans import MAX_SCAN_BYTES, MAX_SCAN_BYTES_ENV, MAX_VOXELS, SUPPORTED_SUFFIXES, Scan, load_scan
+from engine.data.loading import load_scan
+from engine.data.scans import MAX_SCAN_BYTES, MAX_SCAN_BYTES_ENV, MAX_VOXELS, SUPPORTED_SUFFIXES, Scan
 
 __all__ = [
     "AUTO_CT_WINDOW",

@@ -5,7 +5,7 @@
     ``seed + VAL_SEED_OFFSET`` (so validation never repeats a training image and
     does not change when ``n_train`` changes).
 ``source = "files"``
-    Every path is loaded with :func:`~engine.data.scans.load_scan` and turned
+    Every path is loaded with :func:`~engine.data.loading.load_scan` and turned
     into ``[0, 1]`` slices of ``physics.img_size`` by
     :func:`~engine.data.intensity.prepare_slices` (CT in HU through
     ``data.window`` or the automatic window; MRI/other as robust-normalised
@@ -27,7 +27,7 @@ import numpy as np
 
 from engine.data.intensity import prepare_slices
 from engine.data.phantoms import phantom_batch
-from engine.data.scans import load_scan
+from engine.data.loading import load_scan
 from engine.errors import ConfigError, ScanError
 
 __all__ = ["slice_range", "split_indices", "load_training_images", "VAL_SEED_OFFSET"]

@@ -82,7 +82,8 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from engine.data.scans import Scan, display_name, load_scan
+from engine.data.loading import load_scan
+from engine.data.scans import Scan, display_name
 from engine.errors import ConfigError, ScanError
 
 __all__ = [
@@ -427,7 +428,7 @@ def measurements_from_scan(scan: Scan, physics_cfg, *, normalise: bool = True,
 
 
 def load_measurements(path, physics_cfg, *, normalise: bool = True, owner: str = "the config") -> Measurements:
-    """:func:`measurements_from_scan` of :func:`~engine.data.scans.load_scan` (path)."""
+    """:func:`measurements_from_scan` of :func:`~engine.data.loading.load_scan` (path)."""
     return measurements_from_scan(load_scan(path), physics_cfg, normalise=normalise, owner=owner)
 
 
@@ -438,7 +439,7 @@ def is_measurement_file(path) -> bool:
     """Whether ``path`` holds raw measurements (k-space / sinogram), from its header only.
 
     Never raises: an unreadable file answers False and is left to
-    :func:`~engine.data.scans.load_scan` to report.
+    :func:`~engine.data.loading.load_scan` to report.
     """
     p = Path(path)
     try:

@@ -55,16 +55,16 @@ MAX_VOXELS = MAX_SCAN_BYTES // 4
 
 SCAN_KINDS = ("image", "kspace", "sinogram")
 
-_DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
-_HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
-_NUMPY_SUFFIXES = (".npy", ".npz")
-_PIL_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
-_NIFTI_SUFFIXES = (".nii", ".nii.gz")
-_INV3_SUFFIXES = (".inv3",)
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
+NUMPY_SUFFIXES = (".npy", ".npz")
+PIL_SUFFIXES = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+INV3_SUFFIXES = (".inv3",)
 
 #: Every suffix :func:`load_scan` knows (folders are read as DICOM series).
 SUPPORTED_SUFFIXES = (
-    _DICOM_SUFFIXES + _HDF5_SUFFIXES + _NUMPY_SUFFIXES + _PIL_SUFFIXES + _NIFTI_SUFFIXES + _INV3_SUFFIXES
+    DICOM_SUFFIXES + HDF5_SUFFIXES + NUMPY_SUFFIXES + PIL_SUFFIXES + NIFTI_SUFFIXES + INV3_SUFFIXES
 )
 
 
@@ -314,136 +314,3 @@ def image_scan(images, source, *, modality="unknown", units="arbitrary", metadat
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     return Scan(kind="image", images=images, modality=modality, source=str(source), units=units,
                 metadata=meta, **kw)
-
-
-# -- dispatch -------------------------------------------------------------------------------
-
-
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return path.suffix.lower()
-
-
-def _sniff(path: Path) -> str:
-    """Guess the format of a file with an unknown extension from its first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89HDF\r\n\x1a\n"):
-        return "hdf5"
-    if head.startswith(b"\x93NUMPY"):
-        return "npy"
-    if head.startswith(b"PK\x03\x04"):
-        return "npz"
-    if head.startswith(b"\x89PNG") or head[:4] in (b"II*\x00", b"MM\x00*") or head.startswith(b"\xff\xd8"):
-        return "pil"
-    if head.startswith(b"BM"):
-        return "pil"
-    if len(head) >= 348 and head[344:348] in (b"n+1\x00", b"ni1\x00"):
-        return "nifti"
-    if head.startswith(b"\x1f\x8b"):
-        # gzip: a .nii.gz or an .inv3 (gzipped tar)
-        import gzip
-
-        try:
-            with gzip.open(path, "rb") as g:
-                inner = g.read(512)
-        except (OSError, EOFError):
-            return "unknown"
-        if len(inner) >= 348 and inner[344:348] in (b"n+1\x00", b"ni1\x00"):
-            return "nifti"
-        if len(inner) >= 262 and inner[257:262] == b"ustar":
-            return "inv3"
-        return "unknown"
-    from engine.data.dicom import looks_like_dicom_without_preamble
-
-    if looks_like_dicom_without_preamble(head):
-        return "dicom"
-    return "unknown"
-
-
-def load_scan(path, *, series: Optional[str] = None, max_bytes: Optional[int] = None,
-              max_voxels: Optional[int] = None) -> Scan:
-    """Load a scan file or DICOM series folder as a :class:`Scan`.
-
-    ``series`` picks one SeriesInstanceUID (or SeriesNumber) in a DICOM folder
-    holding several series. ``max_bytes`` replaces the memory limit per file
-    (default ``$EQUIDEQ_MAX_SCAN_BYTES``, else :data:`MAX_SCAN_BYTES`);
-    ``max_voxels`` adds a cap on the element count of any one array.
-    Raises :class:`ScanError` for anything that cannot be read as asked
-    (:class:`~engine.errors.ConfigError` for an unreadable limit setting).
-    """
-    if path is None or str(path) == "":
-        raise ScanError("no scan path given")
-    limits = ScanLimits.resolve(max_bytes, max_voxels)
-    p = Path(path).expanduser()
-    if not p.exists():
-        raise ScanError(f"{p}: no such file or folder")
-    try:
-        scan = _dispatch(p, series, limits)
-    except ScanError as exc:
-        text = str(exc)
-        if "\n" in text:  # keep the promise of one-line messages
-            raise ScanError(" ".join(text.split())) from None
-        raise
-    except MemoryError:
-        raise ScanError(f"{display_name(p)}: not enough memory to load this scan") from None
-    except Exception as exc:  # a reader bug or an exotic library failure: still one line
-        text = " ".join(str(exc).split())[:300]
-        raise ScanError(f"{display_name(p)}: cannot be read ({type(exc).__name__}: {text})") from None
-    if scan.kind == "image" and scan.images is not None:
-        flat = scan.images.reshape(scan.images.shape[0], -1)
-        constant = int(np.count_nonzero(flat.max(axis=1) == flat.min(axis=1)))
-        if constant:
-            scan.metadata["ConstantSlices"] = f"{constant} of {flat.shape[0]}"
-    return scan
-
-
-def _dispatch(p: Path, series, limits: ScanLimits) -> Scan:
-    if p.is_dir():
-        from engine.data import dicom
-
-        return dicom.read_dicom_folder(p, series=series, limits=limits)
-    if not p.is_file():
-        raise ScanError(f"{p}: not a regular file")
-
-    suffix = _suffix(p)
-    if suffix in _DICOM_SUFFIXES:
-        fmt = "dicom"
-    elif suffix in _HDF5_SUFFIXES:
-        fmt = "hdf5"
-    elif suffix == ".npy":
-        fmt = "npy"
-    elif suffix == ".npz":
-        fmt = "npz"
-    elif suffix in _PIL_SUFFIXES:
-        fmt = "pil"
-    elif suffix in _NIFTI_SUFFIXES:
-        fmt = "nifti"
-    elif suffix in _INV3_SUFFIXES:
-        fmt = "inv3"
-    else:
-        fmt = _sniff(p)
-
-    if fmt == "dicom":
-        from engine.data import dicom
-
-        return dicom.read_dicom_file(p, limits=limits)
-    if fmt == "hdf5":
-        from engine.data import hdf5
-
-        return hdf5.read_hdf5(p, limits=limits)
-    from engine.data import volumes
-
-    readers = {"npy": volumes.read_npy, "npz": volumes.read_npz, "pil": volumes.read_pil,
-               "nifti": volumes.read_nifti, "inv3": volumes.read_inv3}
-    if fmt in readers:
-        return readers[fmt](p, limits=limits)
-    known = ", ".join(SUPPORTED_SUFFIXES)
-    raise ScanError(f"{display_name(p)}: unrecognised file format (supported: {known}, or a DICOM folder)")
