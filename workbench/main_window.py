@@ -565,7 +565,10 @@ class MainWindow(QMainWindow):
                 then()
 
         self.status_label.setText("Reconstructing…")
-        self.tasks.submit(job, done, lambda exc: self._report("Reconstruction failed", exc), name="reconstruct")
+        # a newer reconstruction (another slice, scan or model) replaces one still queued or running,
+        # unless a caller waits for this one (then)
+        self.tasks.submit(job, done, lambda exc: self._report("Reconstruction failed", exc), name="reconstruct",
+                          supersede=then is None)
 
     def _compute_equivariance(self, angle: float) -> None:
         get_model, get_image = self._model_provider(), self._input_provider()
@@ -579,7 +582,7 @@ class MainWindow(QMainWindow):
             self._report("Equivariance failed", exc)
 
         self.tasks.submit(job, lambda r: (self._adopt_config_model(), self.equivariance.show_result(angle, r)),
-                          failed, name="equivariance")
+                          failed, name="equivariance", supersede=True)  # the slider's latest angle wins
 
     def _compute_equivariance_curve(self) -> None:
         get_model, get_image = self._model_provider(), self._input_provider()
@@ -593,7 +596,7 @@ class MainWindow(QMainWindow):
             self._report("Equivariance failed", exc)
 
         self.tasks.submit(job, lambda r: (self._adopt_config_model(), self.equivariance.show_curve(r[0], r[1])),
-                          failed, name="equivariance curve")
+                          failed, name="equivariance curve", supersede=True)
 
     def _compute_metrics(self, snap: dict, jobs: list) -> None:
         def job():
@@ -670,7 +673,8 @@ class MainWindow(QMainWindow):
             self.reconstruct(then)
 
         self.status_label.setText(f"Opening {name}…")
-        self.tasks.submit(job, done, lambda exc: self._report("Cannot open scan", exc), name="open scan")
+        self.tasks.submit(job, done, lambda exc: self._report("Cannot open scan", exc), name="open scan",
+                          supersede=then is None)
 
     def open_checkpoint_dialog(self) -> None:
         path = self._ask_open("Open checkpoint", CHECKPOINT_FILTER)

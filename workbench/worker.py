@@ -203,7 +203,7 @@ class _Task(QRunnable):
             result, exc = self.fn(), None
         except BaseException as e:  # noqa: BLE001 - reported in the GUI thread
             result, exc = None, e
-            if not isinstance(e, EquiDEQError):
+            if not isinstance(e, (EquiDEQError, _Superseded)):
                 log.error("background task failed:\n%s", traceback.format_exc())
         try:
             self.signals.done.emit(self.task_id, result, exc)
@@ -211,8 +211,19 @@ class _Task(QRunnable):
             pass
 
 
+class _Superseded(Exception):
+    """A task whose result nobody wants any more: a newer one of the same name was submitted."""
+
+
 class TaskRunner(QObject):
-    """Runs callables off the GUI thread, one at a time, and calls back in the GUI thread."""
+    """Runs callables off the GUI thread, one at a time, and calls back in the GUI thread.
+
+    ``submit(..., supersede=True)`` makes a task replace every earlier one of the
+    same name that has not finished: one not yet started never runs, and the
+    result of one already running is dropped (its callbacks are not called).
+    Moving to another slice or opening another scan thus never shows a stale
+    reconstruction under the new title.
+    """
 
     busyChanged = Signal(bool)
 
@@ -224,6 +235,7 @@ class TaskRunner(QObject):
         self._signals.done.connect(self._on_done, Qt.ConnectionType.QueuedConnection)
         self._ids = itertools.count(1)
         self._callbacks: dict[int, tuple] = {}
+        self._latest: dict[str, int] = {}  # name -> id of the newest superseding task of that name
         self._torch_ready = False
         self.closed = False  # set at shutdown: late results are dropped
 
@@ -231,13 +243,21 @@ class TaskRunner(QObject):
     def pending(self) -> int:
         return len(self._callbacks)
 
+    def _stale(self, task_id: int, name: str, supersede: bool) -> bool:
+        return supersede and self._latest.get(name, task_id) != task_id
+
     def submit(self, fn: Callable, on_done: Callable[[Any], None],
-               on_error: Optional[Callable[[BaseException], None]] = None, name: str = "") -> int:
+               on_error: Optional[Callable[[BaseException], None]] = None, name: str = "",
+               supersede: bool = False) -> int:
         task_id = next(self._ids)
-        self._callbacks[task_id] = (on_done, on_error, name)
+        self._callbacks[task_id] = (on_done, on_error, name, supersede)
+        if supersede:
+            self._latest[name] = task_id
         runner = self
 
         def wrapped():
+            if runner._stale(task_id, name, supersede):
+                raise _Superseded(name)  # skip the work: a newer task of this name is queued
             if not runner._torch_ready:
                 try:
                     backend.configure_torch_thread()
@@ -253,10 +273,10 @@ class TaskRunner(QObject):
 
     @Slot(int, object, object)
     def _on_done(self, task_id: int, result, exc) -> None:
-        on_done, on_error, _name = self._callbacks.pop(task_id, (None, None, ""))
+        on_done, on_error, name, supersede = self._callbacks.pop(task_id, (None, None, "", False))
         if not self._callbacks:
             self.busyChanged.emit(False)
-        if self.closed:
+        if self.closed or isinstance(exc, _Superseded) or self._stale(task_id, name, supersede):
             return
         if exc is not None:
             if on_error is not None:

@@ -1,0 +1,49 @@
+"""The workbench's task runner: results come back in the GUI thread, and stale work is superseded."""
+
+from __future__ import annotations
+
+import threading
+
+from workbench.worker import TaskRunner
+
+
+def test_superseded_tasks_never_run_or_report(qtbot):
+    runner = TaskRunner()
+    gate = threading.Event()
+    ran, reported = [], []
+    runner.submit(lambda: (gate.wait(5), "blocker")[1], reported.append, name="blocker")  # holds the one thread
+    for angle in (10, 20, 30):
+        runner.submit(lambda a=angle: ran.append(a) or a, reported.append, name="equivariance", supersede=True)
+    runner.submit(lambda: "other", reported.append, name="metrics")  # other names are not touched
+    assert runner.pending == 5
+    gate.set()
+    qtbot.waitUntil(lambda: runner.pending == 0, timeout=5000)
+    assert ran == [30]  # the queued 10 and 20 were skipped, not computed
+    assert sorted(map(str, reported)) == ["30", "blocker", "other"]
+
+
+def test_a_running_task_that_is_superseded_is_dropped(qtbot):
+    runner = TaskRunner()
+    started, gate = threading.Event(), threading.Event()
+    reported, errors = [], []
+
+    def slow():
+        started.set()
+        gate.wait(5)
+        return "old slice"
+
+    runner.submit(slow, reported.append, errors.append, name="reconstruct", supersede=True)
+    started.wait(5)
+    runner.submit(lambda: "new slice", reported.append, errors.append, name="reconstruct", supersede=True)
+    gate.set()
+    qtbot.waitUntil(lambda: runner.pending == 0, timeout=5000)
+    assert reported == ["new slice"] and errors == []
+
+
+def test_without_supersede_every_task_reports(qtbot):
+    runner = TaskRunner()
+    reported = []
+    for i in range(3):
+        runner.submit(lambda i=i: i, reported.append, name="save checkpoint")
+    qtbot.waitUntil(lambda: runner.pending == 0, timeout=5000)
+    assert reported == [0, 1, 2]
