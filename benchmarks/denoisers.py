@@ -55,8 +55,9 @@ def measure(config: str, channels: int, path: Path, size: int, iters: int) -> di
     denoiser = build_denoiser(cfg.model, channels, load_weights=True).eval()
     for p in denoiser.parameters():
         p.requires_grad_(False)
-    table = denoising_table(denoiser, channels, size)
-    _, clean = denoising_test_images(channels, size)
+    test_images = denoising_test_images(channels, size)  # read once for both measurements
+    table = denoising_table(denoiser, channels, test_images=test_images)
+    _, clean = test_images
     norms = jacobian_norms(denoiser, clean, JACOBIAN_SIGMA, iters)
     return {"images": table["images"], "sigma": table["sigma"],
             "jacobian_median": float(norms.median()), "jacobian_max": float(norms.max())}

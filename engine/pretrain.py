@@ -279,9 +279,10 @@ def denoising_test_images(in_channels: int, size: int = 128, n_phantoms: int = 1
 
 
 def denoising_table(denoiser: torch.nn.Module, in_channels: int, size: int = 128,
-                    sigmas: Sequence[float] = REPORT_SIGMAS) -> dict:
-    """``{"images": label, "sigma": {sigma: (noisy dB, denoised dB)}}`` on :func:`denoising_test_images`."""
-    label, clean = denoising_test_images(in_channels, size)
+                    sigmas: Sequence[float] = REPORT_SIGMAS, test_images: Optional[tuple] = None) -> dict:
+    """``{"images": label, "sigma": {sigma: (noisy dB, denoised dB)}}`` on :func:`denoising_test_images`
+    (or on ``test_images``, a ``(label, images)`` pair already loaded)."""
+    label, clean = test_images if test_images is not None else denoising_test_images(in_channels, size)
     return {"images": label, "sigma": {s: denoising_psnr_on(denoiser, clean, s) for s in sigmas}}
 
 

@@ -240,8 +240,9 @@ class Trainer:
                           f"{len(self.train_set)} training measurements, loss {cfg.loss.mode}, gradient {cfg.deq.gradient}")
         for note in self.data_notes:
             self._log("warning", note)
-        if oversubscription_note(self.threads):
-            self._log("warning", oversubscription_note(self.threads))
+        oversubscribed = oversubscription_note(self.threads)
+        if oversubscribed:
+            self._log("warning", oversubscribed)
         if dropped:
             self._log("info", f"{METRICS_FILE}: removed {dropped} records of steps after {self.step}, "
                               "the checkpoint this run continues from")

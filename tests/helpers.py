@@ -1,6 +1,12 @@
 """Small building blocks shared by the engine tests."""
 
+import io
+import warnings
+
+import numpy as np
 import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
 from engine.config import PhysicsConfig
@@ -49,3 +55,34 @@ class SlowSmoothingDenoiser(nn.Module):
     def forward(self, x, sigma=None):
         blurred = torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
         return self.lipschitz * (0.5 * x + 0.4 * blurred + 0.1 * torch.tanh(blurred))
+
+
+def ct_dicom_bytes(rows=8, cols=8, *, frames=None, bits=16, pixels: bytes | None = b"", slope=1,
+                   intercept=-1024) -> bytes:
+    """A CT DICOM file in memory, for the reader and bad-input tests.
+
+    ``pixels``: ``b""`` a 16-bit ramp of ``rows x cols`` (whatever ``bits`` says: what a wrong
+    BitsAllocated then misdescribes), ``None`` no PixelData at all, other bytes as given.
+    ``slope`` / ``intercept`` may be strings such as ``"NaN"``.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta, ds.preamble = meta, b"\0" * 128
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
+    ds.PixelRepresentation = 1 if bits == 16 else 0
+    with warnings.catch_warnings():  # pydicom warns that NaN and inf are not valid DS values
+        warnings.simplefilter("ignore")
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if frames is not None:
+        ds.NumberOfFrames = frames
+    if pixels is not None:
+        ds.PixelData = pixels if pixels else np.arange(rows * cols, dtype="<i2").tobytes()
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()

@@ -22,14 +22,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from engine.checkpoint import Checkpoint, save_checkpoint
 from engine.cli import main
 from engine.config import ExperimentConfig, save_config
 from engine.model import build_model
 from engine.physics import detector_count
+from tests.helpers import ct_dicom_bytes as dicom_bytes
 
 SIZE = 32
 
@@ -48,27 +47,6 @@ def write_checkpoint(path: Path, config: ExperimentConfig, state=None) -> Path:
         state = {k: v.detach().clone() for k, v in build_model(config, load_weights=False).state_dict().items()}
     save_checkpoint(path, Checkpoint(model_state=state, config=config.to_dict()))
     return path
-
-
-def dicom_bytes(rows=8, cols=8, pixels: bytes | None = b"", frames=None) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta, ds.preamble = meta, b"\0" * 128
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    if frames is not None:
-        ds.NumberOfFrames = frames
-    if pixels is not None:
-        ds.PixelData = pixels if pixels else np.arange(rows * cols, dtype="<i2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def png_bytes(array: np.ndarray) -> bytes:

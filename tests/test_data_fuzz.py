@@ -14,37 +14,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from engine.data import load_scan
 from engine.data.scans import Scan
 from engine.errors import ScanError
+from tests.helpers import ct_dicom_bytes
 
 SUFFIXES = (".dcm", ".h5", ".npy", ".npz", ".png", ".tif", ".inv3", ".nii", "")
 _counter = itertools.count()
 
 
-def _dicom_bytes() -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta, ds.preamble = meta, b"\0" * 128
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = 8, 8, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = np.arange(64, dtype="<i2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
-
-
 def _seeds(tmp) -> dict[str, bytes]:
-    out = {".dcm": _dicom_bytes()}
+    out = {".dcm": ct_dicom_bytes()}
     with h5py.File(tmp / "seed.h5", "w") as f:
         f["kspace"] = np.ones((1, 4, 4), np.complex64)
         f["mask"] = np.ones(4, np.float32)

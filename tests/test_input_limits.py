@@ -25,7 +25,6 @@ import struct
 import subprocess
 import sys
 import tarfile
-import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -34,8 +33,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from engine.checkpoint import Checkpoint, save_checkpoint
 from engine.cli import main
@@ -43,6 +40,7 @@ from engine.config import ExperimentConfig
 from engine.data import MAX_SCAN_BYTES, MAX_SCAN_BYTES_ENV, load_scan
 from engine.errors import ConfigError, ScanError
 from engine.model import build_model
+from tests.helpers import ct_dicom_bytes as dicom_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LIMIT_TEXT = "1,073,741,824 bytes (1.0 GiB)"
@@ -146,30 +144,6 @@ def inv3(path: Path, matrix_shape, matrix_member_size: int, matrix_data: bytes =
         raw += bytes(-len(raw) % tarfile.BLOCKSIZE) + bytes(2 * tarfile.BLOCKSIZE)
     path.write_bytes(gzip.compress(raw))
     return path
-
-
-def dicom_bytes(rows=8, cols=8, frames=None, bits=16, pixels: bytes | None = None, slope=1, intercept=-1024) -> bytes:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta, ds.preamble = meta, b"\0" * 128
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, meta.MediaStorageSOPInstanceUID, "CT"
-    ds.SeriesInstanceUID = generate_uid()
-    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, cols, 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = bits, bits, bits - 1
-    ds.PixelRepresentation = 1 if bits == 16 else 0
-    with warnings.catch_warnings():  # pydicom warns that NaN and inf are not valid DS values
-        warnings.simplefilter("ignore")
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if frames is not None:
-        ds.NumberOfFrames = frames
-    # 16-bit pixels unless given: what a wrong BitsAllocated then misdescribes
-    ds.PixelData = pixels if pixels is not None else np.arange(rows * cols, dtype="<i2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 # -- the corpus -------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.data.scans import Scan, ScanBudget, ScanLimits, check_finite, display_name
+from engine.data.scans import Scan, ScanBudget, ScanLimits, check_finite, display_name, read_head
 from engine.errors import ScanError
 
 __all__ = [
@@ -94,11 +94,7 @@ def looks_like_dicom_without_preamble(head: bytes) -> bool:
 
 def _has_preamble(path: Path) -> tuple[bool, bool]:
     """(is DICOM-looking, has preamble 'DICM')."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError as exc:
-        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
+    head = read_head(path, 132)
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True, True
     return looks_like_dicom_without_preamble(head), False

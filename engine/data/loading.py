@@ -23,6 +23,7 @@ from engine.data.scans import (
     Scan,
     ScanLimits,
     display_name,
+    read_head,
 )
 from engine.errors import ScanError
 
@@ -39,11 +40,7 @@ def _suffix(path: Path) -> str:
 
 def _sniff(path: Path) -> str:
     """Guess the format of a file with an unknown extension from its first bytes."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError as exc:
-        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
+    head = read_head(path, 512)
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     if head.startswith(b"\x89HDF\r\n\x1a\n"):

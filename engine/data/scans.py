@@ -124,6 +124,15 @@ def display_name(path) -> str:
     return p.name or str(p)
 
 
+def read_head(path: Path, n: int) -> bytes:
+    """The first ``n`` bytes of a file (for format sniffing); a one-line ScanError if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(n)
+    except OSError as exc:
+        raise ScanError(f"{display_name(path)}: cannot read file ({exc.strerror or exc})") from None
+
+
 _BYTE_UNITS = {
     "": 1, "b": 1,
     "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
