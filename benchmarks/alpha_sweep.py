@@ -43,23 +43,24 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from reproduce import (fmt, format_solves, machine_description, say, train_run, write_init_weights,  # noqa: E402
-                       write_json)
+from reproduce import fmt, format_solves, machine_description, say, train_run, write_init_weights  # noqa: E402
+from run_options import (add_run_options, finish_results, parse_run_args, run_meta, save_results,  # noqa: E402
+                         start_run)
 
 from engine.config import builtin_config  # noqa: E402
 from engine.data import invesalius_head_ct_path  # noqa: E402
 from engine.losses import AUTO_EI_GRADIENT_RATIO, PAPER_ALPHA  # noqa: E402
-from engine.trainer import Trainer, configure_threads, seed_for_step  # noqa: E402
+from engine.trainer import Trainer, seed_for_step  # noqa: E402
 
 DEFAULT_ALPHAS = "0.01,0.1,1,10,100,auto"
 
@@ -169,28 +170,18 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimisation steps per alpha (default 100, --quick 15)")
     p.add_argument("--batch", type=int, default=0, help="images per step (0 = the config's, 4)")
     p.add_argument("--seed", type=int, default=0, help="(default 0)")
-    p.add_argument("--init", choices=("shipped", "random"), default="shipped",
-                   help="initial denoiser weights shared by every run (default shipped)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = engine default: cores - 1)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="(default cpu)")
-    p.add_argument("--out", type=Path, help="output folder (default runs/alpha_sweep-<timestamp>)")
-    args = p.parse_args(argv)
+    add_run_options(p, "alpha_sweep", "initial denoiser weights shared by every run (default shipped)")
+    args = parse_run_args(p, argv, "alpha_sweep")
     args.alpha_values = parse_alphas(args.alphas)
     if args.steps is None:
         args.steps = 15 if args.quick else 100
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.out is None:
-        args.out = Path("runs") / f"alpha_sweep-{datetime.now():%Y%m%d-%H%M%S}"
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_threads(args.threads)
+    started = start_run(args)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
 
     overrides = {"physics.img_size": args.size, "optim.steps": args.steps, "data.seed": args.seed,
                  "run.seed": args.seed, "run.threads": args.threads, "run.device": args.device,
@@ -218,10 +209,7 @@ def main(argv=None) -> int:
     init_note = write_init_weights(cfg, args.init, init_path)
     cfg = cfg.replace(**{"model.weights": str(init_path.resolve())})
 
-    data = {"meta": {"started": datetime.now().isoformat(timespec="seconds"),
-                     "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "machine": machine_description(args.threads), "total_seconds": 0.0},
+    data = {"meta": run_meta(args, argv, machine=machine_description(args.threads)),
             "settings": {"data": data_note, "validation": validation, "size": cfg.physics.img_size,
                          "views": cfg.physics.views, "noise_sigma": cfg.physics.noise_sigma, "steps": cfg.optim.steps,
                          "batch": cfg.optim.batch_size, "lr": cfg.optim.lr, "seed": args.seed, "init": init_note,
@@ -230,10 +218,7 @@ def main(argv=None) -> int:
     say(f"output: {out}\n{data['meta']['machine']}\n{data_note}, {args.size}x{args.size}, {args.steps} steps; "
         f"initial weights: {init_note}")
 
-    def save() -> None:
-        data["meta"]["total_seconds"] = time.perf_counter() - started
-        write_json(out / "results.json", data)
-
+    save = functools.partial(save_results, out, data, started)
     for alpha in args.alpha_values:
         label = "auto" if alpha == "auto" else f"{alpha:g}"
         run_cfg = cfg.replace(**{"loss.ei_weight": alpha, "run.name": f"alpha_{label}"})
@@ -244,11 +229,7 @@ def main(argv=None) -> int:
         data["runs"].append(summary)
         save()
 
-    save()
-    text = markdown(data)
-    (out / "results.md").write_text(text, encoding="utf-8")
-    say("\n" + text)
-    say(f"wrote {out / 'results.json'} and {out / 'results.md'} ({data['meta']['total_seconds']:.0f} s)")
+    finish_results(out, data, started, markdown(data))
     return 0
 
 

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 from engine.config import builtin_config  # noqa: E402
 from engine.denoisers import build_denoiser  # noqa: E402
 from engine.pretrain import REPORT_SIGMAS, denoising_table, denoising_test_images  # noqa: E402
-from engine.regularisers import differentiable_jacobian_norm  # noqa: E402
+from engine.linalg import differentiable_jacobian_norm  # noqa: E402
 
 WEIGHTS = ROOT / "resources" / "weights"
 TWINS = ROOT / "runs" / "weights"

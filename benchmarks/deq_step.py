@@ -276,9 +276,9 @@ def as_dtype(den, dtype):
 
 def engine_model(den, tol, max_iter, memory=5, stop_mode="rel", on_solve=None):
     from engine.deq import DEQReconstructor, FixedPointOperator
-    from engine.solvers import SolverOptions
+    from engine.config import SolverConfig
 
-    opts = SolverOptions(name="anderson", tol=tol, stop_mode=stop_mode, max_iter=max_iter, memory=memory,
+    opts = SolverConfig(name="anderson", tol=tol, stop_mode=stop_mode, max_iter=max_iter, memory=memory,
                          damping=1.0, regularization=1e-4)
     return DEQReconstructor(FixedPointOperator(den, "pgd", 1.0), opts, opts, gradient="implicit", on_solve=on_solve)
 
@@ -374,37 +374,49 @@ def rel_err(g, ref):
     return float((g - ref).norm() / ref.norm())
 
 
+#: The functions worth timing, one per line: file suffix, function, description. A dotted
+#: ``Class.method`` names a method whose bare name occurs more than once in that engine file
+#: (matched by its first line too).
+PROFILE_TARGETS = """
+deepinv/physics/tomography.py   fbp                          FBP (initial iterate)
+deepinv/physics/tomography.py   A                            A (deepinv Radon, grid_sample)
+deepinv/physics/tomography.py   A_adjoint                    A^T (deepinv autograd adjoint)
+engine/physics.py               SparseTomography.A           A (engine sparse Radon)
+engine/physics.py               SparseTomography.A_adjoint   A^T (engine sparse transpose)
+engine/denoisers.py             _AveragedDenoiser.forward    denoiser forward D(x)
+engine/deq.py                   solve_forward                engine forward solve (incl. FBP, F calls)
+engine/solvers/anderson.py      anderson                     engine Anderson (incl. F / VJP calls)
+engine/solvers/base.py          observe                      engine residual bookkeeping
+engine/deq.py                   hook                         engine adjoint solve (hook, all VJPs)
+engine/deq.py                   adjoint_map                  engine adjoint map (one VJP + add)
+deepinv/optim/fixed_point.py    forward                      deepinv FixedPoint.forward (fwd solve or bwd solve)
+deepinv/optim/fixed_point.py    anderson_acceleration_step   deepinv Anderson step (excl. F)
+deepinv/optim/optimizers.py     init_iterate_fn              deepinv init (custom_init = FBP)
+deepinv/optim/optimizers.py     DEQ_additional_step          deepinv DEQ extra steps (2 F with graph)
+deepinv/optim/optimizers.py     backward_hook                deepinv adjoint solve (hook, all VJPs)
+deepinv/optim/optimizers.py     check_conv_fn                deepinv convergence check
+deepinv/optim/data_fidelity.py  grad                         deepinv L2.grad (A^T A x - A^T y)
+torch/_tensor.py                backward                     loss.backward() (incl. adjoint solves)
+"""
+
+
 def _profile_targets():
-    """(file suffix, function name, first line or None, description) of the functions worth timing."""
+    """(file suffix, function name, first line or None, description) of each row of :data:`PROFILE_TARGETS`."""
+    import importlib
     import inspect
 
-    import deepinv
-    from engine import denoisers, physics
-
-    def line(fn):
-        return inspect.getsourcelines(fn)[1]
-
-    return [
-        ("deepinv/physics/tomography.py", "fbp", None, "FBP (initial iterate)"),
-        ("deepinv/physics/tomography.py", "A", None, "A (deepinv Radon, grid_sample)"),
-        ("deepinv/physics/tomography.py", "A_adjoint", None, "A^T (deepinv autograd adjoint)"),
-        ("engine/physics.py", "A", line(physics.SparseTomography.A), "A (engine sparse Radon)"),
-        ("engine/physics.py", "A_adjoint", line(physics.SparseTomography.A_adjoint), "A^T (engine sparse transpose)"),
-        ("engine/denoisers.py", "forward", line(denoisers._AveragedDenoiser.forward), "denoiser forward D(x)"),
-        ("engine/deq.py", "solve_forward", None, "engine forward solve (incl. FBP, F calls)"),
-        ("engine/solvers/anderson.py", "anderson", None, "engine Anderson (incl. F / VJP calls)"),
-        ("engine/solvers/base.py", "observe", None, "engine residual bookkeeping"),
-        ("engine/deq.py", "hook", None, "engine adjoint solve (hook, all VJPs)"),
-        ("engine/deq.py", "adjoint_map", None, "engine adjoint map (one VJP + add)"),
-        ("deepinv/optim/fixed_point.py", "forward", None, "deepinv FixedPoint.forward (fwd solve or bwd solve)"),
-        ("deepinv/optim/fixed_point.py", "anderson_acceleration_step", None, "deepinv Anderson step (excl. F)"),
-        ("deepinv/optim/optimizers.py", "init_iterate_fn", None, "deepinv init (custom_init = FBP)"),
-        ("deepinv/optim/optimizers.py", "DEQ_additional_step", None, "deepinv DEQ extra steps (2 F with graph)"),
-        ("deepinv/optim/optimizers.py", "backward_hook", None, "deepinv adjoint solve (hook, all VJPs)"),
-        ("deepinv/optim/optimizers.py", "check_conv_fn", None, "deepinv convergence check"),
-        ("deepinv/optim/data_fidelity.py", "grad", None, "deepinv L2.grad (A^T A x - A^T y)"),
-        ("torch/_tensor.py", "backward", None, "loss.backward() (incl. adjoint solves)"),
-    ]
+    targets = []
+    for row in PROFILE_TARGETS.strip().splitlines():
+        file, function, description = row.split(maxsplit=2)
+        first = None
+        if "." in function:  # an engine method: its first line tells it from same-named functions
+            owner = importlib.import_module(file.removesuffix(".py").replace("/", "."))
+            for part in function.split("."):
+                owner = getattr(owner, part)
+            first = inspect.getsourcelines(owner)[1]
+            function = function.rsplit(".", 1)[1]
+        targets.append((file, function, first, description))
+    return targets
 
 
 def profile_step(label, run_step, top=15):
@@ -534,7 +546,7 @@ def main(argv=None) -> int:
     print(f"Convergence pre-check (engine forward solve on y, float32): {pre[0].summary()}, "
           f"final rel. residuals {[float(f'{v:.1e}') for v in pre[0].final_residual('rel')]}")
     if not converges:
-        from engine.lipschitz import jacobian_spectral_radius
+        from engine.linalg import jacobian_spectral_radius
         x_last = engine_model(den, args.tol, args.max_iter).solve_forward(y, physics)
         rho = jacobian_spectral_radius(model_a.fixed_point_map(y, physics), x_last, iters=30)
         print(f"WARNING: the forward solve does not reach tol {args.tol:g} in {args.max_iter} iterations with "

@@ -66,13 +66,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
 import platform
 import sys
 import time
-from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -85,12 +85,15 @@ from engine.data import (colin27_t1_path, invesalius_head_ct_path, load_scan, pr
                          slice_range)
 from engine.errors import EquiDEQError
 from engine.events import Observers, RunFailed, SolveFinished
+from engine.evaluation import score
 from engine.inference import LoadedModel, load_model, model_from_config
-from engine.metrics import default_angles, psnr, ssim
+from engine.metrics import default_angles
 from engine.model import build_model
-from engine.physics import image_channels, to_display
-from engine.trainer import Trainer, configure_threads
+from engine.physics import image_channels
+from engine.solver_names import CONVERGED
+from engine.trainer import Trainer
 from engine.tv import TV_LAMBDAS, tune_tv_lambda, tv_reconstruct
+from run_options import add_run_options, finish_results, parse_run_args, run_meta, save_results, start_run
 
 #: the paper's headline numbers, quoted for context only
 PAPER_HEADLINE = ("Paper: EI-trained DEQs come within 1.3 dB of supervised training, and implicit "
@@ -178,7 +181,7 @@ class SolveCounter:
         reasons = list(stop_reasons)
         self.calls[direction] = self.calls.get(direction, 0) + 1
         self.samples[direction] = self.samples.get(direction, 0) + len(reasons)
-        self.converged[direction] = self.converged.get(direction, 0) + sum(r == "converged" for r in reasons)
+        self.converged[direction] = self.converged.get(direction, 0) + sum(r == CONVERGED for r in reasons)
 
     def __call__(self, event) -> None:  # observer
         if isinstance(event, SolveFinished):
@@ -278,12 +281,6 @@ def fmt(x, spec: str = ".2f") -> str:
     return format(x, spec)
 
 
-def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
-
-
 # -- evaluation ---------------------------------------------------------------------------------
 
 def prepared_slices(path: Path, config: ExperimentConfig, spec: str):
@@ -313,7 +310,7 @@ def evaluate_loaded(loaded: LoadedModel, images, angles) -> dict:
     counter = SolveCounter()
     loaded.model.on_solve = counter.on_solve
     t0 = time.perf_counter()
-    result = loaded.evaluate(images, angles=angles, seed=0, equivariance_images=EQUIVARIANCE_IMAGES)
+    result = loaded.evaluate(images, angles=angles, seed=0, equivariance_images=EQUIVARIANCE_IMAGES).to_dict()
     for key in ("psnr_per_image", "ssim_per_image"):
         result["model"].pop(key, None)
         result["baseline"].pop(key, None)
@@ -334,13 +331,13 @@ def tv_baseline(cfg: ExperimentConfig, train_images, test_images, lambdas, devic
     t0 = time.perf_counter()
     tuning = tune_tv_lambda(loaded.physics, loaded.simulate(x_train, seed=1), x_train, lambdas)
     tune_seconds = time.perf_counter() - t0
-    x = loaded.images_to_tensor(test_images)
+    problem = loaded.problem(test_images, seed=0)  # the y the models see
     t1 = time.perf_counter()
-    x_hat = tv_reconstruct(loaded.physics, loaded.simulate(x, seed=0), tuning.lam)
+    x_hat = tv_reconstruct(loaded.physics, problem.y, tuning.lam)
     seconds = time.perf_counter() - t1
-    est, ref = to_display(x_hat), to_display(x)
+    scores = score(problem, x_hat)
     return {"lambda": tuning.lam, "train_psnr_by_lambda": tuning.train_psnr, "tuned_on": [int(i) for i in pick],
-            "psnr": float(psnr(est, ref).mean()), "ssim": float(ssim(est, ref).mean()),
+            "psnr": float(scores.psnr.mean()), "ssim": float(scores.ssim.mean()),
             "tune_seconds": tune_seconds, "seconds": seconds}
 
 
@@ -638,7 +635,7 @@ def run_generalisation(cfg, args, angles, result, save) -> None:
         if "test" not in row:  # the run could not start
             continue
         loaded = load_model(row["checkpoint"], device=args.device)
-        r = loaded.evaluate(image, angles=angles, seed=0, equivariance_images=EQUIVARIANCE_IMAGES)
+        r = loaded.evaluate(image, angles=angles, seed=0, equivariance_images=EQUIVARIANCE_IMAGES).to_dict()
         gen["models"][key] = r
         gen.setdefault("baseline", r["baseline"])
         say(f"[ct] CT_small.dcm, {row['label']}: PSNR {r['model']['psnr']:.2f} dB "
@@ -657,51 +654,30 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=0, help="images per step (0 = the config's)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of data noise, batches, EI draws and initial weights (default 0)")
-    p.add_argument("--init", choices=("shipped", "random"), default="shipped",
-                   help="initial denoiser weights shared by all runs of a task (default shipped)")
     p.add_argument("--angles", type=int, default=4, help="rotations for the equivariance error (default 4)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = engine default: cores - 1)")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu", help="(default cpu)")
-    p.add_argument("--out", type=Path, help="output folder (default runs/reproduce-<timestamp>)")
-    args = p.parse_args(argv)
+    add_run_options(p, "reproduce", "initial denoiser weights shared by all runs of a task (default shipped)")
+    args = parse_run_args(p, argv, "reproduce")
     if args.quick:
         args.budget = "quick"
     budget = BUDGETS[args.budget]
     args.size = args.size or budget["size"]
     args.steps = args.steps or budget["steps"]
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if args.out is None:
-        args.out = Path("runs") / f"reproduce-{datetime.now():%Y%m%d-%H%M%S}"
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_threads(args.threads)
+    started = start_run(args)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    data = {"meta": {"started": datetime.now().isoformat(timespec="seconds"),
-                     "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
-                     "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-                     "budget": args.budget, "machine": machine_description(args.threads), "total_seconds": 0.0},
-            "tasks": {}}
+    data = {"meta": run_meta(args, argv, budget=args.budget, machine=machine_description(args.threads)), "tasks": {}}
     say(f"output: {out}\n{data['meta']['machine']}")
 
-    def save() -> None:
-        data["meta"]["total_seconds"] = time.perf_counter() - started
-        write_json(out / "results.json", data)
-
+    save = functools.partial(save_results, out, data, started)
     for task in ("ct", "mri"):
         if args.only and task != args.only:
             continue
         run_task(task, args, out, save, data["tasks"])
-    save()
-    markdown = results_markdown(data)
-    (out / "results.md").write_text(markdown, encoding="utf-8")
-    say("\n" + markdown)
-    say(f"wrote {out / 'results.json'} and {out / 'results.md'} ({data['meta']['total_seconds']:.0f} s)")
+    finish_results(out, data, started, results_markdown(data))
     return 0
 
 

@@ -5,6 +5,7 @@
     equideq reconstruct --checkpoint CKPT --input SCAN --output FILE
     equideq demo [--out RUN_DIR]
     equideq check-gradients [--json]
+    equideq diagnose [--checkpoint CKPT] [--input SCAN] [--solver NAME] [--make-it-diverge] [--json]
     equideq pretrain --config FILE --output WEIGHTS [--steps N]
     equideq configs
 
@@ -42,7 +43,6 @@ def _parse_value(text: str):
 
 def _config_with_overrides(path: Optional[str], overrides: Sequence[str]):
     from engine.config import builtin_config, load_config
-    from engine.errors import ConfigError
 
     if path is None:
         config = builtin_config("ct_phantom_quick")
@@ -50,13 +50,21 @@ def _config_with_overrides(path: Optional[str], overrides: Sequence[str]):
         config = builtin_config(path)
     else:
         config = load_config(path)
+    changes = _parse_sets(overrides)
+    return config.replace(**changes) if changes else config
+
+
+def _parse_sets(overrides: Sequence[str]) -> dict:
+    """``["solver.tol=1e-5", ...]`` -> ``{"solver.tol": 1e-05}`` (values parsed as TOML, else strings)."""
+    from engine.errors import ConfigError
+
     changes = {}
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE (e.g. solver.tol=1e-5), got '{item}'")
         changes[key.strip()] = _parse_value(value.strip())
-    return config.replace(**changes) if changes else config
+    return changes
 
 
 class _ProgressPrinter:
@@ -167,7 +175,8 @@ def _measured_input(path: str, loaded):
     """(Measurements or None, Scan or None): the measurements when ``path`` is a file of raw
     measurements (k-space / sinogram); the loaded scan of any other file (None for folders)."""
     from engine.data import load_scan
-    from engine.data.measurements import MEASUREMENT_KINDS, measurements_from_scan
+    from engine.data.measurements import MEASUREMENT_KINDS
+    from engine.measured import measurements_from_scan
 
     target = Path(path)
     if not target.is_file():
@@ -183,12 +192,10 @@ def cmd_evaluate(args) -> int:
     from engine.inference import load_model
 
     loaded = load_model(args.checkpoint)
-    meas, scan = _measured_input(args.data, loaded)
-    if meas is not None:
-        result = loaded.evaluate_measured(meas, seed=args.seed)
-    else:
-        images, _ = _scan_images(args.data, loaded.size, window=list(loaded.config.data.window) or None, scan=scan)
-        result = loaded.evaluate(images, seed=args.seed)
+    source, scan = _measured_input(args.data, loaded)  # measured data, or images to simulate y from
+    if source is None:
+        source, _ = _scan_images(args.data, loaded.size, window=list(loaded.config.data.window) or None, scan=scan)
+    result = loaded.evaluate(source, seed=args.seed).to_dict()
     if args.json:
         print(json.dumps(result))
         return 0
@@ -227,24 +234,92 @@ def cmd_reconstruct(args) -> int:
     if meas is not None:  # reconstruct from the stored measurements, not simulated ones
         index = args.slice if args.slice is not None else len(meas) // 2
         _check_slice(index, len(meas))
-        result = loaded.reconstruct_measured(meas, [index])
-        export_image(result["reconstruction"][0], args.output, window=(0.0, 1.0), source_scan=scan,
-                     description=description + " from measured data", checkpoint_name=Path(args.checkpoint).name)
-        kind = "PSNR" if result["domain"] == "image" else "measurement-domain PSNR"
-        print(f"slice {index} (measured): {kind} {float(result['psnr'][0]):.2f} dB "
-              f"(baseline {float(result['baseline_psnr'][0]):.2f} dB), residual ||Ax - y||/||y|| "
-              f"{float(result['residual'][0]):.3g} -> {args.output}")
+        result = loaded.reconstruct(meas, indices=[index])
+        description += " from measured data"
+    else:  # y simulated from the one slice, seeded
+        images, scan = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None,
+                                    scan=scan)
+        index = args.slice if args.slice is not None else images.shape[0] // 2
+        _check_slice(index, images.shape[0])
+        result = loaded.reconstruct(images[index:index + 1])
+    export_image(result.reconstruction[0], args.output, window=(0.0, 1.0), source_scan=scan,
+                 description=description, checkpoint_name=Path(args.checkpoint).name)
+    if meas is not None:
+        kind = "PSNR" if result.domain == "image" else "measurement-domain PSNR"
+        print(f"slice {index} (measured): {kind} {float(result.psnr[0]):.2f} dB "
+              f"(baseline {float(result.baseline_psnr[0]):.2f} dB), residual ||Ax - y||/||y|| "
+              f"{float(result.residual[0]):.3g} -> {args.output}")
         for note in dict.fromkeys(meas.notes):
             print(f"note: {note}")
+    else:
+        print(f"slice {index}: PSNR {float(result.psnr[0]):.2f} dB "
+              f"(baseline {float(result.baseline_psnr[0]):.2f} dB) -> {args.output}")
+    return 0
+
+
+def cmd_diagnose(args) -> int:
+    from engine.config import builtin_config
+    from engine.data.phantoms import phantom_batch
+    from engine.diagnostics import MAKE_IT_DIVERGE
+    from engine.diagnostics.inspect import TRAINING_SECTIONS, apply_settings, inspect, record_forward
+    from engine.errors import ConfigError
+    from engine.inference import load_model, model_from_config
+
+    changes = dict(MAKE_IT_DIVERGE) if args.make_it_diverge else {}
+    if args.solver:
+        changes["solver.name"] = args.solver
+    changes.update(_parse_sets(args.set))
+    if args.checkpoint:
+        loaded = load_model(args.checkpoint)
+        config = loaded.config.replace(**changes) if changes else loaded.config  # validates every value
+        fixed = [k for k in apply_settings(loaded.model, changes) if k.split(".")[0] not in TRAINING_SECTIONS]
+        if fixed:
+            raise ConfigError(f"{', '.join(fixed)}: a trained checkpoint's model and physics are fixed; "
+                              "diagnose changes only solver.*, backward_solver.*, deq.stepsize and deq.relaxation")
+    else:  # the built-in model, built with the changes
+        config = builtin_config(args.config or "ct_phantom_quick")
+        config = config.replace(**changes) if changes else config
+        loaded = model_from_config(config)
+    if args.input:
+        meas, scan = _measured_input(args.input, loaded)
+        if meas is not None:
+            index = args.slice if args.slice is not None else len(meas) // 2
+            _check_slice(index, len(meas))
+            problem = loaded.problem(meas, indices=[index])
+        else:
+            images, _ = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None,
+                                     scan=scan)
+            index = args.slice if args.slice is not None else images.shape[0] // 2
+            _check_slice(index, images.shape[0])
+            problem = loaded.problem(images[index:index + 1], seed=args.seed)
+        what = f"slice {index} of {Path(args.input).name}"
+    else:
+        problem = loaded.problem(phantom_batch("shepp_logan", 1, loaded.size, seed=args.seed), seed=args.seed)
+        what = "a Shepp-Logan phantom"
+    rec = record_forward(loaded.model, problem.y, problem.physics, tag=what)
+    result = inspect(loaded.model, problem.physics, rec, 0, config=config)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "input": what, "changes": changes}))
         return 0
-    images, scan = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None, scan=scan)
-    index = args.slice if args.slice is not None else images.shape[0] // 2
-    _check_slice(index, images.shape[0])
-    result = loaded.reconstruct(images[index:index + 1])
-    export_image(result["reconstruction"][0], args.output, window=(0.0, 1.0), source_scan=scan,
-                 description=description, checkpoint_name=Path(args.checkpoint).name)
-    print(f"slice {index}: PSNR {float(result['psnr'][0]):.2f} dB "
-          f"(baseline {float(result['baseline_psnr'][0]):.2f} dB) -> {args.output}")
+    s = rec.summary(0)
+    source = Path(args.checkpoint).name if args.checkpoint else "the built-in default model"
+    print(f"{s['solver']} forward solve of {what} ({loaded.size}x{loaded.size}, {source})")
+    if changes:
+        print("settings changed: " + ", ".join(f"{k}={v!r}" for k, v in changes.items()))
+    print(f"  stop reason {s['stop_reason']} after {s['iterations']} iterations (max_iter {s['max_iter']}); "
+          f"{s['stop_mode']} residual {s['first_residual']:.3g} -> best {s['best_residual']:.3g} -> final "
+          f"{s['final_residual']:.3g} (tolerance {s['tolerance']:.3g}, {s['dtype']})")
+    if s["fallback"]:
+        print(f"  fallback {s['fallback']} took over from iteration {s['fallback_from']}")
+    radius = "not measured" if result.spectral_radius is None else f"{result.spectral_radius:.4g}"
+    lip = "not measured" if result.denoiser_lipschitz is None else f"{result.denoiser_lipschitz:.4g}"
+    print(f"  spectral radius of dF/dx where the solve ended: {radius}; denoiser Lipschitz estimate: {lip}")
+    if not result.diagnoses:
+        print("diagnosis: converged cleanly, nothing to fix")
+    for i, d in enumerate(result.diagnoses, 1):
+        print(f"{i}. {d.kind}: {d.explanation}")
+        sets = " ".join(f"--set {k}={v}" for k, v in d.remedy.changes.items())
+        print(f"   remedy: {d.remedy.description}" + (f"  [{sets}]" if sets else ""))
     return 0
 
 
@@ -361,6 +436,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fidelity", choices=("ramp", "l2"), default="ramp",
                    help="CT data step checked (default ramp, as the shipped configs)")
     p.set_defaults(func=cmd_check_gradients)
+
+    p = sub.add_parser("diagnose", help="run one recorded solve and say why it does (not) converge and what "
+                                        "to change")
+    p.add_argument("--checkpoint", help="checkpoint (default: the built-in config's model, shipped weights)")
+    p.add_argument("--config", help="built-in config for the default model (default ct_phantom_quick)")
+    p.add_argument("--input", help="scan file (default: a Shepp-Logan phantom); k-space/sinogram files are "
+                                   "solved from their measurements")
+    p.add_argument("--slice", type=int, help="slice index (default: the middle one)")
+    p.add_argument("--solver", help="solver to use instead of the model's (fixed_point, anderson, broyden)")
+    p.add_argument("--make-it-diverge", action="store_true",
+                   help="the demonstration: no Jacobian penalty, data step 5 (> 2), plain iteration, no fallback")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a solver/DEQ setting, e.g. solver.damping=0.5 (a remedy's changes)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the simulated measurement noise / phantom")
+    p.add_argument("--json", action="store_true", help="print one JSON object (spectral_radius, stop_reason, "
+                                                       "diagnoses[kind, explanation, remedy], trace ...)")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("pretrain", help="pre-train the config's denoiser as a blind Gaussian denoiser "
                                         "(phantoms, training slices of the shipped scans, natural images)")

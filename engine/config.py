@@ -16,7 +16,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from engine.atomic import atomic_write_text
 from engine.errors import ConfigError
+from engine.solver_names import SOLVER_NAMES
 
 # Names of the data-consistency steps (engine/data_fidelity.py implements them). Kept here, with the rule
 # of which one a config may use, so that reading and validating a config never imports torch.
@@ -36,14 +38,20 @@ def resolve_fidelity(name: str, modality: str, operator: str) -> str:
     return name
 
 
+#: File suffixes of configs: TOML, then YAML. Here, torch-free, so that the GUI's file rules use the same lists.
+YAML_SUFFIXES = (".yaml", ".yml")
+CONFIG_SUFFIXES = (".toml",) + YAML_SUFFIXES
+#: Checkpoint file suffixes by format (``run.checkpoint_format`` names the format a run writes).
+CHECKPOINT_FORMATS = {"pt": (".pt", ".pth", ".ckpt"), "safetensors": (".safetensors",)}
+CHECKPOINT_SUFFIXES = tuple(suffix for suffixes in CHECKPOINT_FORMATS.values() for suffix in suffixes)
+
+
 def _f(default, *, choices=None, min=None, max=None, doc="", factory=None):
     meta = {"choices": choices, "min": min, "max": max, "doc": doc}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
-
-SOLVERS = ("fixed_point", "anderson", "broyden")
 
 
 @dataclass
@@ -106,7 +114,7 @@ class DEQConfig:
 
 @dataclass
 class SolverConfig:
-    name: str = _f("anderson", choices=SOLVERS, doc="fixed-point solver")
+    name: str = _f("anderson", choices=SOLVER_NAMES, doc="fixed-point solver")
     tol: float = _f(1e-4, min=0.0, max=1.0, doc="stopping tolerance")
     stop_mode: str = _f("rel", choices=("rel", "abs"), doc="residual the tolerance applies to")
     max_iter: int = _f(60, min=1, max=100000, doc="iteration cap")
@@ -114,7 +122,11 @@ class SolverConfig:
     damping: float = _f(1.0, min=0.01, max=1.0, doc="mixing weight beta (1 = undamped)")
     regularization: float = _f(1e-4, min=0.0, max=1.0, doc="Anderson ridge, relative to the residual scale")
     divergence_factor: float = _f(1e4, min=2.0, doc="residual above this multiple of its running minimum = diverged")
-    fallback: str = _f("fixed_point", choices=("",) + SOLVERS, doc="solver that takes over diverged samples ('' = none)")
+    fallback: str = _f("fixed_point", choices=("",) + SOLVER_NAMES, doc="solver that takes over diverged samples ('' = none)")
+    max_restarts: int = _f(3, min=0, max=1000, doc="Anderson/Broyden restarts without progress after which a sample "
+                                                   "counts as diverged")
+    restart_factor: float = _f(10.0, min=1.0, doc="Anderson/Broyden clear a sample's history when its residual "
+                                                  "exceeds this multiple of its best")
 
 
 @dataclass
@@ -159,7 +171,7 @@ class RunConfig:
     threads: int = _f(0, min=0, max=256, doc="torch threads in the engine (0 = cores - 1, at least 1)")
     checkpoint_every: int = _f(50, min=0, doc="steps between checkpoints (0 = only at the end)")
     validate_every: int = _f(10, min=1, doc="steps between validations and snapshots")
-    checkpoint_format: str = _f("pt", choices=("pt", "safetensors"), doc="checkpoint file format")
+    checkpoint_format: str = _f("pt", choices=tuple(CHECKPOINT_FORMATS), doc="checkpoint file format")
 
 
 @dataclass
@@ -287,7 +299,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     try:
         if suffix == ".toml":
             data = tomllib.loads(text)
-        elif suffix in (".yaml", ".yml"):
+        elif suffix in YAML_SUFFIXES:
             import yaml
 
             data = yaml.safe_load(text) or {}
@@ -304,21 +316,20 @@ def load_config(path: str | Path) -> ExperimentConfig:
 
 
 def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    """Write ``config`` as TOML (.toml) or YAML (.yaml/.yml), atomically (:func:`engine.atomic.atomic_write`)."""
     path = Path(path)
     data = config.to_dict()
     if path.suffix.lower() == ".toml":
         import tomli_w
 
         text = tomli_w.dumps(data)
-    elif path.suffix.lower() in (".yaml", ".yml"):
+    elif path.suffix.lower() in YAML_SUFFIXES:
         import yaml
 
         text = yaml.safe_dump(data, sort_keys=False)
     else:
         raise ConfigError(f"{path.name}: config files must end in .toml, .yaml or .yml")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_text(path, text)
 
 
 def default_config_dir() -> Path:

@@ -47,6 +47,7 @@ import weakref
 import torch
 
 from engine.config import FIDELITIES, resolve_fidelity  # the choice is config-level, torch-free
+from engine.linalg import largest_eigenvalue
 
 __all__ = ["FIDELITIES", "RAMP_FLOOR", "L2Fidelity", "RampFilteredL2", "build_fidelity", "resolve_fidelity"]
 
@@ -124,8 +125,6 @@ class RampFilteredL2:
         if physics in self._by_physics:
             return self._by_physics[physics]
         import deepinv as dinv
-
-        from engine.physics import largest_eigenvalue
 
         if not isinstance(physics, dinv.physics.Tomography):
             raise TypeError("the ramp-filtered fidelity needs a CT (Tomography) physics")

@@ -37,7 +37,7 @@ Caveats, stated where they apply:
   weights change). :func:`refresh_spectral_norms` runs more.
 * ``norm="group"`` inserts GroupNorm, which is not globally Lipschitz
   (its Jacobian scales like ``1 / sqrt(var + eps)``); with it the bound above
-  does not hold, only the empirical estimate of :mod:`engine.lipschitz` does.
+  does not hold, only the empirical estimate of :mod:`engine.linalg` does.
 
 Both denoisers follow the deepinv convention ``forward(x, sigma=None)``, so
 ``deepinv.optim.PnP(denoiser)`` works. A blind network ignores ``sigma``; with
@@ -53,7 +53,6 @@ is told, which makes ``sigma`` the DEQ's regularisation parameter
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Mapping
 
@@ -62,7 +61,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from engine.atomic import atomic_write
 from engine.errors import CheckpointError, ConfigError
+from engine.linalg import power_iteration
 
 __all__ = [
     "ConvSpectralNorm",
@@ -218,10 +219,9 @@ class ConvSpectralNorm(nn.Module):
 
     @torch.no_grad()
     def _power_iteration(self, weight: torch.Tensor, n_iters: int) -> None:
-        u = self.u
-        for _ in range(n_iters):
-            u = self.apply_conv_adjoint(self.apply_conv(u, weight), weight)
-            u = u / u.norm().clamp_min(self.eps)
+        """Advance the stored ``u`` by ``n_iters`` warm-started power iterations on ``A_W^T A_W``."""
+        u, _ = power_iteration(lambda v: self.apply_conv_adjoint(self.apply_conv(v, weight), weight), self.u,
+                               n_iters, eps=self.eps)
         self.u.copy_(u)
 
     def _sigma_of(self, weight: torch.Tensor) -> torch.Tensor:
@@ -631,22 +631,20 @@ def load_denoiser_weights(module: nn.Module, path) -> nn.Module:
 
 
 def save_denoiser_weights(module: nn.Module, path) -> None:
-    """Write ``module.state_dict()`` to ``path`` atomically (temporary file, then ``os.replace``).
+    """Write ``module.state_dict()`` to ``path`` atomically (:func:`engine.atomic.atomic_write`).
 
     ``.safetensors`` paths get the safetensors format, anything else ``torch.save``.
     """
     path = Path(path)
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
+        with atomic_write(path) as fh:
+            if path.suffix.lower() == ".safetensors":
+                from safetensors.torch import save
 
-            save_file(state, str(tmp))
-        else:
-            torch.save(state, tmp)
-        os.replace(tmp, path)
+                fh.write(save(state))
+            else:
+                torch.save(state, fh)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write denoiser weights to {path}: {exc.strerror or exc}") from None

@@ -53,11 +53,13 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from engine.config import SolverConfig
 from engine.data_fidelity import build_fidelity
 from engine.events import RunControl
-from engine.lipschitz import jacobian_spectral_radius
+from engine.linalg import jacobian_spectral_radius
 from engine.physics import baseline
-from engine.solvers import SolverOptions, SolveStats, solve
+from engine.solver_names import MAX_ITERATIONS
+from engine.solvers import SolveStats, solve
 
 GRADIENT_MODES = ("implicit", "jfb", "unrolled")
 
@@ -134,8 +136,8 @@ class DEQReconstructor(nn.Module):
     when set: the trainer's Jacobian penalty and spectral-radius monitor use them.
     """
 
-    def __init__(self, operator: FixedPointOperator, forward_solver: SolverOptions,
-                 backward_solver: Optional[SolverOptions] = None, gradient: str = "implicit",
+    def __init__(self, operator: FixedPointOperator, forward_solver: SolverConfig,
+                 backward_solver: Optional[SolverConfig] = None, gradient: str = "implicit",
                  unrolled_iterations: int = 20, control: Optional[RunControl] = None,
                  on_solve: Optional[SolveCallback] = None, on_fixed_point: Optional[FixedPointCallback] = None):
         super().__init__()
@@ -175,7 +177,7 @@ class DEQReconstructor(nn.Module):
         """Per-sample spectral radius of the iterated (relaxed) map's Jacobian at ``x_star`` (float64, ``[B]``).
 
         Below 1 the fixed-point iteration converges locally; it is a cheap
-        Arnoldi estimate (:func:`engine.lipschitz.jacobian_spectral_radius`,
+        Arnoldi estimate (:func:`engine.linalg.jacobian_spectral_radius`,
         ``iters`` JVPs at most), accurate to a few per cent.
         """
         return jacobian_spectral_radius(self.fixed_point_map(y, physics), x_star, iters=iters, tol=tol,
@@ -244,7 +246,7 @@ class DEQReconstructor(nn.Module):
             x = fx
         stats.f_evals = self.unrolled_iterations
         stats.iterations = torch.full((y.shape[0],), self.unrolled_iterations, dtype=torch.long)
-        stats.stop_reasons = ["max_iterations"] * y.shape[0]
+        stats.stop_reasons = [MAX_ITERATIONS] * y.shape[0]
         stats.seconds = time.perf_counter() - started
         self._report("forward", stats)
         if self.on_fixed_point is not None:

@@ -1,9 +1,12 @@
 """Exceptions the engine raises for things a user did or supplied.
 
 Every error a user can cause (a bad file, a mismatched checkpoint, an invalid
-config value, a diverging solve) is one of these, carries a one-line message
-that names the culprit, and is caught by the CLI and the GUI to be shown
-instead of a traceback.
+config value) is one of these, carries a one-line message that names the
+culprit, and is caught by the CLI and the GUI to be shown instead of a
+traceback. A fixed-point solve that diverges is not an exception: it is a
+result, reported per sample in ``SolveStats.stop_reasons``
+(:mod:`engine.solver_names`); the fallback solver retries those samples and
+the trainer skips a step that has one.
 """
 
 
@@ -21,7 +24,3 @@ class ScanError(EquiDEQError):
 
 class CheckpointError(EquiDEQError):
     """A checkpoint that is corrupt, unsafe, or does not match the model."""
-
-
-class SolverError(EquiDEQError):
-    """A fixed-point solve that diverged or produced non-finite values."""

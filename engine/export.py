@@ -27,9 +27,9 @@
     for the values as written. Explicit VR little endian, with the file meta
     header, so ``pydicom.dcmread`` reads it without ``force``.
 
-All writes are atomic (temporary file in the same folder, ``fsync``, then
-``os.replace``). Failures raise :class:`~engine.errors.ScanError` with a
-one-line message naming the file.
+All writes go through :func:`engine.atomic.atomic_write` (temporary file in the
+same folder, ``fsync``, then ``os.replace``). Failures raise
+:class:`~engine.errors.ScanError` with a one-line message naming the file.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from typing import Any, Optional
 import numpy as np
 
 import engine
-from engine.checkpoint import atomic_write
+from engine.atomic import atomic_write
+from engine.data.intensity import window_bounds
 from engine.errors import ScanError
 
 __all__ = ["export_image", "quantise_uint16", "EXPORT_SUFFIXES"]
@@ -126,13 +127,7 @@ def _window(img: np.ndarray, window, name: str) -> tuple[float, float]:
         if high <= low:
             high = low + 1.0
         return low, high
-    try:
-        low, high = (float(v) for v in window)
-    except (TypeError, ValueError):
-        raise ScanError(f"{name}: window must be (low, high), got {window!r}") from None
-    if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
-        raise ScanError(f"{name}: window must have low < high, got ({low:g}, {high:g})")
-    return low, high
+    return window_bounds(window, f"{name}: window", ScanError)
 
 
 def _source_info(source_scan: Any) -> tuple[dict, str, str, str]:

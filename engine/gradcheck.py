@@ -25,14 +25,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from engine.config import ModelConfig, PhysicsConfig
+from engine.config import ModelConfig, PhysicsConfig, SolverConfig
 from engine.data import phantom_batch
 from engine.deq import DEQReconstructor, FixedPointOperator
 from engine.denoisers import build_denoiser
 from engine.losses import TrainingLoss
 from engine.config import LossConfig
 from engine.physics import build_physics
-from engine.solvers import SolverOptions
 
 
 @dataclass
@@ -70,7 +69,7 @@ def check_gradients(size: int = 16, views: int = 10, batch: int = 2, alpha: floa
     y = physics.A(x)
     denoiser = build_denoiser(ModelConfig(channels=8, depth=1, norm="group", spectral_norm=False, lipschitz=0.6), 1)
     operator = FixedPointOperator(denoiser.to(dtype), "pgd", stepsize, fidelity)
-    tight = SolverOptions(name="anderson", tol=1e-14, stop_mode="abs", max_iter=500, memory=8)
+    tight = SolverConfig(name="anderson", tol=1e-14, stop_mode="abs", max_iter=500, memory=8)
     model = DEQReconstructor(operator, tight, tight, gradient="implicit", unrolled_iterations=unrolled_iterations)
     model.train()
     loss_fn = TrainingLoss(LossConfig(mode="ei", ei_weight=alpha, transform="rotate", ei_apply_noise=False))

@@ -4,12 +4,13 @@ Scans given as images are taken as ground truth: measurements are simulated
 with the model's own physics (``y = A x + n``, seeded), which is how
 ``equideq evaluate`` and the workbench compare the DEQ with ``A^dagger y``.
 
-Scans of raw measurements (k-space, sinograms; :mod:`engine.data.measurements`)
+Scans of raw measurements (k-space, sinograms; :mod:`engine.measured`)
 are reconstructed from what was measured, with the model's physics rebuilt on
 the data's own mask / angles (:meth:`LoadedModel.load_measurements`,
-:meth:`LoadedModel.reconstruct_measured`, :meth:`LoadedModel.evaluate_measured`).
-Without reference images their metrics are measurement-domain ones
-(``domain = "measurement"``: PSNR of ``A x`` against ``y``, SSIM NaN).
+:meth:`LoadedModel.problem`). Without reference images their metrics are
+measurement-domain ones (``domain = "measurement"``: PSNR of ``A x`` against
+``y``, SSIM NaN). Reconstruction and evaluation themselves are
+:mod:`engine.evaluation`'s, the one path every caller shares.
 """
 
 from __future__ import annotations
@@ -24,17 +25,14 @@ import torch
 from engine.checkpoint import Checkpoint, check_state_matches, load_checkpoint
 from engine.config import ExperimentConfig
 from engine.deq import DEQReconstructor
-from engine.data.measurements import Measurements, load_measurements, measurement_metrics, measurement_physics
+from engine.data.measurements import Measurements
+from engine.measured import load_measurements, measurement_physics
 from engine.errors import ScanError
-from engine.metrics import (default_angles, equivariance_error, operator_equivariance_error, psnr, rotate, ssim)
+from engine.evaluation import (EquivarianceProbe, Evaluation, Problem, Reconstruction, equivariance_probe, evaluate,
+                               reconstruct, solve)
+from engine.metrics import default_angles
 from engine.model import build_model, resolve_device
-from engine.physics import baseline, build_physics, to_display, to_model_space
-
-EVALUATION_CHUNK = 8
-
-
-def _numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().float().cpu().numpy()
+from engine.physics import build_physics, to_model_space
 
 
 @dataclass
@@ -73,47 +71,57 @@ class LoadedModel:
 
     @torch.no_grad()
     def reconstruct_measurements(self, y: torch.Tensor) -> torch.Tensor:
-        self.model.eval()
-        return torch.cat([self.model(chunk, self.physics) for chunk in y.split(EVALUATION_CHUNK)])
+        return solve(self.model, Problem(y, self.physics, self.modality))
+
+    # -- problems: what to reconstruct -----------------------------------------------------------
+    def problem(self, source: np.ndarray | Measurements, seed: int = 0,
+                indices: Optional[Sequence[int]] = None) -> Problem:
+        """The problem that ``source`` poses to this model.
+
+        Images in ``[0, 1]`` are taken as ground truth: ``y`` is simulated with the
+        model's own physics (seeded). Measurements are reconstructed from what was
+        measured, with the physics rebuilt on their own mask / angles; their
+        reference images, when the file has them, become the reference.
+        ``indices`` picks samples of measured data.
+        """
+        if isinstance(source, Measurements):
+            y, ref = source.y, source.reference
+            if indices is not None:
+                y, ref = y[list(indices)], None if ref is None else ref[list(indices)]
+            return Problem(y.to(self.device), self.physics_for(source), self.modality,
+                           None if ref is None else ref.to(self.device))
+        x = self.images_to_tensor(source)
+        problem = Problem(self.simulate(x, seed), self.physics, self.modality, x)
+        return problem if indices is None else problem.subset(indices)
 
     # -- what the CLI and the GUI ask for -----------------------------------------------------
-    @torch.no_grad()
-    def reconstruct(self, images: np.ndarray, seed: int = 0) -> dict:
-        """Simulate ``y`` from images in ``[0, 1]``; return display arrays (first slice) and stacks."""
-        from engine.trainer import measurement_image
+    def reconstruct(self, source: np.ndarray | Measurements, seed: int = 0,
+                    indices: Optional[Sequence[int]] = None) -> Reconstruction:
+        """Reconstruct images (``y`` simulated) or measured data; display arrays and per-image scores."""
+        return reconstruct(self.model, self.problem(source, seed, indices))
 
-        x = self.images_to_tensor(images)
-        y = self.simulate(x, seed)
-        x_hat = self.reconstruct_measurements(y)
-        x_base = baseline(self.physics, y)
-        mask = getattr(self.physics, "mask", None)
-        return {
-            "measurement": measurement_image(y[:1], self.modality),
-            "baseline": _numpy(to_display(x_base))[:, 0],
-            "reconstruction": _numpy(to_display(x_hat))[:, 0],
-            "reference": _numpy(to_display(x))[:, 0],
-            "mask": _numpy(mask[0, 0]) if isinstance(mask, torch.Tensor) else None,
-            "modality": self.modality,
-            "forward_stats": self.model.last_forward_stats,
-            "psnr": _numpy(psnr(x_hat, x)),
-            "baseline_psnr": _numpy(psnr(x_base, x)),
-        }
+    def evaluate(self, source: np.ndarray | Measurements, angles: Optional[Sequence[float]] = None, seed: int = 0,
+                 equivariance_images: Optional[int] = None) -> Evaluation:
+        """PSNR/SSIM of the model and of ``A^dagger y`` and the equivariance errors (:func:`engine.evaluation.evaluate`).
 
-    @torch.no_grad()
-    def equivariance(self, image: np.ndarray, angle_deg: float) -> dict:
+        The equivariance errors cost a reconstruction per angle; ``equivariance_images``
+        limits them to the first images (default: all).
+        """
+        angles = list(angles) if angles is not None else list(default_angles(4, seed))
+        extra = {}
+        if isinstance(source, Measurements):
+            extra = dict(data=source.source, reference=source.reference_kind, notes=source.notes)
+        return evaluate(self.model, self.problem(source, seed), angles, equivariance_images=equivariance_images,
+                        source=self.source, **extra)
+
+    def equivariance(self, image: np.ndarray, angle_deg: float) -> EquivarianceProbe:
         """``T_g f(y)``, ``f(A T_g f(y))``, their difference and relative squared error."""
         x = self.images_to_tensor(image[None] if np.ndim(image) == 2 else image)[:1]
-        recon = self.reconstruct_measurements(self.physics.A(x))
-        rotated = rotate(recon, angle_deg)
-        of_rotated = self.reconstruct_measurements(self.physics.A(rotated))
-        error = float(((of_rotated - rotated) ** 2).sum() / (rotated ** 2).sum().clamp_min(1e-20))
-        return {
-            "rotated_reconstruction": _numpy(to_display(rotated))[0, 0],
-            "reconstruction_of_rotated": _numpy(to_display(of_rotated))[0, 0],
-            "difference": _numpy(to_display(of_rotated - rotated))[0, 0],
-            "error": error,
-            "angle": float(angle_deg),
-        }
+        return equivariance_probe(self.model, self.physics, x, angle_deg)
+
+    def equivariance_curve(self, image: np.ndarray, angles: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        errors = [self.equivariance(image, a).error for a in angles]
+        return np.asarray(list(angles), dtype=float), np.asarray(errors)
 
     # -- measured data (k-space / sinogram files) ---------------------------------------------
     def load_measurements(self, path) -> Measurements:
@@ -127,120 +135,6 @@ class LoadedModel:
                                       rng=torch.Generator(device=self.device).manual_seed(self.config.data.seed))
         physics.noise_model.rng = None
         return physics
-
-    def _solve_measured(self, meas: Measurements, physics, indices=None):
-        y = meas.y if indices is None else meas.y[list(indices)]
-        ref = meas.reference if indices is None or meas.reference is None else meas.reference[list(indices)]
-        y = y.to(self.device)
-        self.model.eval()
-        x_hat = torch.cat([self.model(chunk, physics) for chunk in y.split(EVALUATION_CHUNK)])
-        return y, None if ref is None else ref.to(self.device), x_hat, baseline(physics, y)
-
-    @torch.no_grad()
-    def reconstruct_measured(self, meas: Measurements, indices: Optional[Sequence[int]] = None) -> dict:
-        """Reconstruct measured slices (all, or ``indices``); the same keys as :meth:`reconstruct`.
-
-        ``psnr``/``baseline_psnr`` are image-domain against the reference when the data
-        has one, else measurement-domain (``domain`` says which); ``residual`` is
-        ``||A x - y|| / ||y||`` per slice.
-        """
-        from engine.trainer import measurement_image
-
-        physics = self.physics_for(meas)
-        y, ref, x_hat, x_base = self._solve_measured(meas, physics, indices)
-        fit, base_fit = measurement_metrics(physics, x_hat, y), measurement_metrics(physics, x_base, y)
-        mask = getattr(physics, "mask", None)
-        return {
-            "measurement": measurement_image(y[:1], self.modality),
-            "baseline": _numpy(to_display(x_base))[:, 0],
-            "reconstruction": _numpy(to_display(x_hat))[:, 0],
-            "reference": None if ref is None else _numpy(to_display(ref))[:, 0],
-            "mask": _numpy(mask[0, 0]) if isinstance(mask, torch.Tensor) else None,
-            "modality": self.modality,
-            "forward_stats": self.model.last_forward_stats,
-            "domain": "image" if ref is not None else "measurement",
-            "psnr": _numpy(psnr(x_hat, ref)) if ref is not None else _numpy(fit[0]),
-            "baseline_psnr": _numpy(psnr(x_base, ref)) if ref is not None else _numpy(base_fit[0]),
-            "residual": _numpy(fit[1]),
-            "baseline_residual": _numpy(base_fit[1]),
-        }
-
-    @torch.no_grad()
-    def evaluate_measured(self, meas: Measurements, angles: Optional[Sequence[float]] = None, seed: int = 0) -> dict:
-        """:meth:`evaluate` for measured data: the same keys, plus ``domain`` and ``residual``.
-
-        With reference images, PSNR/SSIM are image-domain. Without, ``psnr`` is the
-        PSNR of ``A x`` against the measured ``y``, ``ssim`` is NaN, and the
-        equivariance errors are probed on the model's own reconstructions.
-        """
-        physics = self.physics_for(meas)
-        y, ref, x_hat, x_base = self._solve_measured(meas, physics)
-        angles = list(angles) if angles is not None else list(default_angles(4, seed))
-        fit, base_fit = measurement_metrics(physics, x_hat, y), measurement_metrics(physics, x_base, y)
-        if ref is not None:
-            domain = "image"
-            model_psnr, model_ssim = _numpy(psnr(x_hat, ref)), _numpy(ssim(x_hat, ref))
-            base_psnr, base_ssim = _numpy(psnr(x_base, ref)), _numpy(ssim(x_base, ref))
-        else:
-            domain = "measurement"
-            model_psnr, base_psnr = _numpy(fit[0]), _numpy(base_fit[0])
-            model_ssim = base_ssim = np.full(len(model_psnr), np.nan)
-        probe = ref if ref is not None else x_hat
-        recon = lambda meas_y: torch.cat([self.model(c, physics) for c in meas_y.split(EVALUATION_CHUNK)])
-        return {
-            "domain": domain,
-            "model": {"psnr": float(model_psnr.mean()), "ssim": float(model_ssim.mean()),
-                      "psnr_per_image": model_psnr.tolist(), "ssim_per_image": model_ssim.tolist(),
-                      "residual": float(_numpy(fit[1]).mean())},
-            "baseline": {"psnr": float(base_psnr.mean()), "ssim": float(base_ssim.mean()),
-                         "psnr_per_image": base_psnr.tolist(), "ssim_per_image": base_ssim.tolist(),
-                         "residual": float(_numpy(base_fit[1]).mean()),
-                         "method": "FBP" if self.modality == "ct" else "zero-filled"},
-            "equivariance_error": equivariance_error(recon, physics, probe, angles),
-            "operator_equivariance_error": operator_equivariance_error(self.model, physics,
-                                                                       probe[:EVALUATION_CHUNK], angles),
-            "angles": angles,
-            "images": int(y.shape[0]),
-            "source": self.source,
-            "data": meas.source,
-            "reference": meas.reference_kind,
-            "notes": list(dict.fromkeys(meas.notes)),
-        }
-
-    def equivariance_curve(self, image: np.ndarray, angles: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
-        errors = [self.equivariance(image, a)["error"] for a in angles]
-        return np.asarray(list(angles), dtype=float), np.asarray(errors)
-
-    @torch.no_grad()
-    def evaluate(self, images: np.ndarray, angles: Optional[Sequence[float]] = None, seed: int = 0,
-                 equivariance_images: Optional[int] = None) -> dict:
-        """PSNR/SSIM of the model and of ``A^dagger y`` (mean and per image) and equivariance errors.
-
-        The equivariance errors cost a reconstruction per angle; ``equivariance_images``
-        limits them to the first images (default: all).
-        """
-        x = self.images_to_tensor(images)
-        y = self.simulate(x, seed)
-        x_hat = self.reconstruct_measurements(y)
-        x_base = baseline(self.physics, y)
-        angles = list(angles) if angles is not None else list(default_angles(4, seed))
-        model_psnr, model_ssim = _numpy(psnr(x_hat, x)), _numpy(ssim(x_hat, x))
-        base_psnr, base_ssim = _numpy(psnr(x_base, x)), _numpy(ssim(x_base, x))
-        recon = lambda meas: self.reconstruct_measurements(meas)
-        return {
-            "domain": "image",
-            "model": {"psnr": float(model_psnr.mean()), "ssim": float(model_ssim.mean()),
-                      "psnr_per_image": model_psnr.tolist(), "ssim_per_image": model_ssim.tolist()},
-            "baseline": {"psnr": float(base_psnr.mean()), "ssim": float(base_ssim.mean()),
-                         "psnr_per_image": base_psnr.tolist(), "ssim_per_image": base_ssim.tolist(),
-                         "method": "FBP" if self.modality == "ct" else "zero-filled"},
-            "equivariance_error": equivariance_error(recon, self.physics, x[:equivariance_images], angles),
-            "operator_equivariance_error": operator_equivariance_error(self.model, self.physics, x[:EVALUATION_CHUNK],
-                                                                       angles),
-            "angles": angles,
-            "images": int(x.shape[0]),
-            "source": self.source,
-        }
 
 
 def model_from_config(config: ExperimentConfig, device: Optional[str] = None, *,

@@ -8,6 +8,7 @@ them); otherwise the denoiser starts from its seeded random initialisation.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -20,7 +21,6 @@ from engine.denoisers import build_denoiser, load_denoiser_weights
 from engine.errors import ConfigError
 from engine.events import RunControl
 from engine.physics import image_channels
-from engine.solvers import SolverOptions
 
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "resources" / "weights"
 
@@ -63,8 +63,8 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
                                   learn_sigma=config.deq.learn_sigma)
     model = DEQReconstructor(
         operator,
-        forward_solver=SolverOptions.from_config(config.solver),
-        backward_solver=SolverOptions.from_config(config.backward_solver),
+        forward_solver=dataclasses.replace(config.solver),  # copies: the model may change its own
+        backward_solver=dataclasses.replace(config.backward_solver),
         gradient=config.deq.gradient,
         unrolled_iterations=config.deq.unrolled_iterations,
         control=control,

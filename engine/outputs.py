@@ -13,20 +13,22 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 from pathlib import Path
 from typing import Iterable, Optional
 
+from engine.atomic import atomic_write_text, temp_target
 from engine.errors import EquiDEQError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
-#: The files a training run writes into its folder (and only these are removed by ``overwrite``).
+#: The files a training run writes into its folder: these and the temporary files of their writes
+#: (:func:`engine.atomic.temp_target` names the file one was written for) are what ``overwrite`` removes.
 RUN_FILE_PATTERNS = (CONFIG_FILE, METRICS_FILE, "checkpoint_*.pt", "checkpoint_*.safetensors",
-                     "last.pt", "last.safetensors", "last.pt.tmp", "last.safetensors.tmp", ".checkpoint_*.tmp",
-                     ".last.*.tmp")
+                     "last.pt", "last.safetensors")
 MAX_RUN_NAME = 64
 
 
@@ -34,11 +36,13 @@ class OutputExistsError(EquiDEQError):
     """An output that exists already, written only with ``--overwrite``."""
 
 
+def _is_run_file(name: str) -> bool:
+    return any(fnmatch.fnmatch(written, pattern) for written in (name, temp_target(name)) if written
+               for pattern in RUN_FILE_PATTERNS)
+
+
 def _run_files(folder: Path) -> list[Path]:
-    found: dict[Path, None] = {}
-    for pattern in RUN_FILE_PATTERNS:
-        found.update(dict.fromkeys(sorted(folder.glob(pattern))))
-    return list(found)
+    return sorted(path for path in folder.iterdir() if _is_run_file(path.name))
 
 
 def claim_run_dir(folder: str | os.PathLike, *, resuming: bool = False, overwrite: bool = False) -> Path:
@@ -93,9 +97,7 @@ def truncate_metrics(folder: str | os.PathLike, step: int) -> int:
             else:
                 dropped += bool(line.strip())
     if dropped:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
-        os.replace(tmp, path)
+        atomic_write_text(path, "".join(kept))
     return dropped
 
 

@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional, Sequence
 
 import torch
 import deepinv as dinv
 
+from engine import linalg
 from engine.config import PhysicsConfig
 from engine.errors import ConfigError
 
@@ -377,19 +377,11 @@ def describe(cfg: PhysicsConfig) -> str:
             f"(centre {cfg.center_fraction:g})")
 
 
-def largest_eigenvalue(normal_operator, start: torch.Tensor, iters: int) -> float:
-    """Largest eigenvalue of a symmetric positive semi-definite map by ``iters`` power iterations from ``start``."""
-    x = start / start.norm()
-    value = 0.0
-    with torch.no_grad():
-        for _ in range(iters):
-            z = normal_operator(x)
-            value = float(z.norm())
-            x = z / max(value, 1e-30)
-    return value
-
-
 def operator_norm(physics, shape, device="cpu", dtype=torch.float32, iters: int = 30) -> float:
-    """``||A||_2`` by power iteration on ``A^T A`` (1 for the normalised CT operator)."""
+    """``||A||_2`` of a physics by power iteration on ``A^T A`` from a seeded start (1 for the normalised CT operator).
+
+    The start is ``randn(shape)`` from a generator seeded with 0, so the value is
+    the same on every construction (see :func:`engine.linalg.operator_norm`).
+    """
     start = torch.randn(shape, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(0))
-    return math.sqrt(largest_eigenvalue(lambda x: physics.A_adjoint(physics.A(x)), start, iters))
+    return linalg.operator_norm(physics.A, physics.A_adjoint, start, iters)

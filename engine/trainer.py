@@ -20,7 +20,7 @@ Keeping ``F`` contractive (config section ``[jacobian]``): with
 at the first model call's fixed points (:mod:`engine.regularisers`; ``F`` before
 relaxation). Every ``jacobian.monitor_every`` steps the spectral radius of the
 iterated map's Jacobian at those fixed points is estimated
-(:func:`engine.lipschitz.jacobian_spectral_radius`), reported as a
+(:func:`engine.linalg.jacobian_spectral_radius`), reported as a
 :class:`~engine.events.StabilityChecked` event and as ``spectral_radius`` in
 ``metrics.jsonl``. Above ``jacobian.radius_limit`` the safeguard doubles the
 penalty weight (at least to :data:`MIN_SAFEGUARD_PENALTY`) and, with
@@ -47,15 +47,16 @@ from engine.checkpoint import (Checkpoint, capture_rng_state, check_compatible, 
                                publish_latest, remove_stale_temp_files, save_checkpoint)
 from engine.config import ExperimentConfig, save_config
 from engine.data import load_training_images
-from engine.data.measurements import load_measurement_data, measurement_metrics, measurement_physics
+from engine.measured import load_measurement_data, measurement_physics
 from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
                            RunStarted, Snapshot, StabilityChecked, StepFinished, ValidationFinished)
 from engine.losses import TrainingLoss
-from engine.metrics import equivariance_error, psnr, ssim
+from engine.evaluation import Problem, reconstruction_of, score, solve
+from engine.metrics import equivariance_error
 from engine.model import build_model, resolve_device
 from engine.outputs import METRICS_FILE, claim_run_dir, truncate_metrics
-from engine.physics import baseline, build_physics, describe, to_display, to_model_space
+from engine.physics import baseline, build_physics, describe, to_model_space
 from engine.regularisers import JacobianSpectralPenalty
 from engine.solvers import SolveStats
 
@@ -87,14 +88,6 @@ def oversubscription_note(threads: int) -> Optional[str]:
         return (f"{threads} threads on {cores} cores: oversubscribed threads slow training down many times; "
                 f"use run.threads = 0 (automatic) or at most {cores}")
     return None
-
-
-def measurement_image(y: torch.Tensor, modality: str) -> np.ndarray:
-    """A 2D display array of one measurement: the sinogram, or k-space log-magnitude."""
-    if modality == "ct":
-        return y[0, 0].detach().float().cpu().numpy()
-    magnitude = torch.sqrt(y[0, 0] ** 2 + y[0, 1] ** 2)
-    return torch.log1p(magnitude / magnitude.max().clamp_min(1e-12) * 1e3).float().cpu().numpy()
 
 
 class GroundTruthLocked(RuntimeError):
@@ -429,27 +422,19 @@ class Trainer:
     # -- validation, checkpoints ------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict:
-        self.model.eval()
+        """Validation metrics (:func:`engine.evaluation.score`), the spectral radius and a snapshot."""
+        problem = Problem(self.val_y, self.physics, self.modality, self.val_x)
         self._fixed_points.clear()
-        x_hat = self.model(self.val_y, self.physics)
+        x_hat = solve(self.model, problem, chunk=None)
         x_base = baseline(self.physics, self.val_y)
         self._pending_solves.clear()
         fixed_points = self._fixed_points[:1]
-        model_fit, base_fit = (measurement_metrics(self.physics, x, self.val_y) for x in (x_hat, x_base))
-        if self.val_x is not None:
-            result = {
-                "step": self.step, "domain": "image",
-                "psnr": float(psnr(x_hat, self.val_x).mean()),
-                "ssim": float(ssim(x_hat, self.val_x).mean()),
-                "baseline_psnr": float(psnr(x_base, self.val_x).mean()),
-                "baseline_ssim": float(ssim(x_base, self.val_x).mean()),
-            }
-        else:  # no reference images: PSNR of A x_hat against the measured y (SSIM undefined)
-            result = {"step": self.step, "domain": "measurement",
-                      "psnr": float(model_fit[0].mean()), "ssim": float("nan"),
-                      "baseline_psnr": float(base_fit[0].mean()), "baseline_ssim": float("nan")}
-        result["residual"] = float(model_fit[1].mean())
-        result["baseline_residual"] = float(base_fit[1].mean())
+        model_scores, base_scores = score(problem, x_hat), score(problem, x_base)
+        result = {"step": self.step, "domain": problem.domain,
+                  "psnr": float(model_scores.psnr.mean()), "ssim": float(model_scores.ssim.mean()),
+                  "baseline_psnr": float(base_scores.psnr.mean()), "baseline_ssim": float(base_scores.ssim.mean()),
+                  "residual": float(model_scores.residual.mean()),
+                  "baseline_residual": float(base_scores.residual.mean())}
         if self.config.jacobian.monitor_every and fixed_points:
             result["spectral_radius"] = float(self.spectral_radius(*fixed_points[0], step=self.step).max())
         first = self.val_x[:1] if self.val_x is not None else x_hat[:1]
@@ -461,15 +446,11 @@ class Trainer:
         self.observers.emit(ValidationFinished(**{k: result[k] for k in ValidationFinished.__dataclass_fields__
                                                   if k in result}))
         if self.observers.active:
-            mask = getattr(self.physics, "mask", None)
-            self.observers.emit(Snapshot(
-                step=self.step,
-                measurement=measurement_image(self.val_y[:1], self.modality),
-                baseline=to_display(x_base[:1])[0, 0].float().cpu().numpy(),
-                reconstruction=to_display(x_hat[:1])[0, 0].float().cpu().numpy(),
-                reference=to_display(first)[0, 0].float().cpu().numpy() if self.val_x is not None else None,
-                mask=mask[0, 0].float().cpu().numpy() if isinstance(mask, torch.Tensor) else None,
-                modality=self.modality))
+            shown = reconstruction_of(problem.subset([0]), x_hat[:1], x_base[:1])
+            self.observers.emit(Snapshot(step=self.step, measurement=shown.measurement, baseline=shown.baseline[0],
+                                         reconstruction=shown.reconstruction[0],
+                                         reference=None if shown.reference is None else shown.reference[0],
+                                         mask=shown.mask, modality=self.modality))
         return result
 
     def _write_metrics(self, record: dict) -> None:

@@ -9,10 +9,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from torch import nn
 
-from engine.config import PhysicsConfig
+from engine.config import PhysicsConfig, SolverConfig
 from engine.deq import DEQReconstructor, FixedPointOperator
 from engine.physics import build_physics
-from engine.solvers import SolverOptions
 
 
 class SmoothDenoiser(nn.Module):
@@ -41,7 +40,7 @@ def tiny_ct(size=16, views=8, dtype=torch.float64):
 
 def make_deq(denoiser, gradient="implicit", solver="anderson", tol=1e-12, max_iter=400, iters=200,
              stop_mode="abs"):
-    opts = SolverOptions(name=solver, tol=tol, max_iter=max_iter, stop_mode=stop_mode)
+    opts = SolverConfig(name=solver, tol=tol, max_iter=max_iter, stop_mode=stop_mode)
     return DEQReconstructor(FixedPointOperator(denoiser), opts, opts, gradient=gradient, unrolled_iterations=iters)
 
 

@@ -37,7 +37,8 @@ import numpy as np
 import pytest
 import torch
 
-from engine import checkpoint as ckpt_module
+from engine.checkpoint import safety as ckpt_safety
+from engine.checkpoint import format as ckpt_format
 from engine.checkpoint import (Checkpoint, check_resume_state, load_checkpoint, publish_latest,
                                remove_stale_temp_files, save_checkpoint)
 from engine.cli import main
@@ -252,7 +253,7 @@ def test_safetensors_metadata_nested_below_the_recursion_limit_is_refused(tmp_pa
 def test_safetensors_metadata_json_over_the_cap_is_refused(tmp_path, monkeypatch):
     good = save_checkpoint(tmp_path / "big.safetensors", Checkpoint({"w": torch.ones(2)}, tiny_config().to_dict(),
                                                                     physics="x"))
-    monkeypatch.setattr(ckpt_module, "MAX_METADATA_JSON", 100)
+    monkeypatch.setattr(ckpt_safety, "MAX_METADATA_JSON", 100)
     with pytest.raises(CheckpointError, match=r"big\.safetensors: refused: its checkpoint metadata is \d+ "
                                               r"characters of JSON, more than the 100"):
         load_checkpoint(good)
@@ -260,7 +261,7 @@ def test_safetensors_metadata_json_over_the_cap_is_refused(tmp_path, monkeypatch
 
 def test_safetensors_header_over_the_cap_is_refused_before_reading_it(tmp_path):
     path = tmp_path / "hugeheader.safetensors"
-    length = ckpt_module.MAX_SAFETENSORS_HEADER + 1
+    length = ckpt_safety.MAX_SAFETENSORS_HEADER + 1
     with open(path, "wb") as fh:  # sparse: the size is claimed, not written
         fh.write(struct.pack("<Q", length) + b"{")
         fh.seek(8 + length)
@@ -483,7 +484,7 @@ def test_publish_latest_on_a_full_disk_names_last_pt_and_keeps_it(tmp_path, monk
     assert latest.read_bytes() == old.read_bytes()
     new = save_checkpoint(tmp_path / "checkpoint_000002.pt", Checkpoint({"w": torch.zeros(3)}, config, step=2,
                                                                          physics="x"))
-    monkeypatch.setattr(ckpt_module, "_copy_file_contents", _disk_full_after(100))
+    monkeypatch.setattr(ckpt_format, "_copy_file_contents", _disk_full_after(100))
     with pytest.raises(CheckpointError) as info:
         publish_latest(new, tmp_path / "last.pt")
     message = str(info.value)
@@ -496,7 +497,7 @@ def test_publish_latest_on_a_full_disk_names_last_pt_and_keeps_it(tmp_path, monk
 
 def test_cli_train_with_a_full_disk_while_copying_to_last_pt(tmp_path, monkeypatch, capsys):
     save_config(tiny_config(), tmp_path / "c.toml")
-    monkeypatch.setattr(ckpt_module, "_copy_file_contents", _disk_full_after(10))
+    monkeypatch.setattr(ckpt_format, "_copy_file_contents", _disk_full_after(10))
     run = tmp_path / "run"
     code, lines, _ = run_cli(["train", "--config", tmp_path / "c.toml", "--out", run, "--quiet"], capsys)
     line = assert_one_error(code, lines, f"cannot update last.pt in {run}")

@@ -22,6 +22,7 @@ from engine.data import (
     to_square,
     window,
 )
+from engine.data.intensity import UNIT_WINDOWS, resolve_window, window_bounds
 from engine.errors import ConfigError, ScanError
 
 
@@ -31,6 +32,19 @@ from engine.errors import ConfigError, ScanError
 def test_ct_window_presets():
     assert CT_WINDOWS == {"soft tissue": (-160, 240), "bone": (-450, 1050), "lung": (-1350, 150),
                           "brain": (0, 80)}
+    # one preset table: the [0, 1] display equivalents name the same presets, each a valid window
+    assert list(UNIT_WINDOWS) == list(CT_WINDOWS)
+    assert all(0.0 <= low < high <= 1.0 for low, high in UNIT_WINDOWS.values())
+
+
+def test_window_bounds_is_the_one_window_check():
+    assert window_bounds([1, 2.5], "w") == (1.0, 2.5)
+    with pytest.raises(ConfigError, match=r"CT window \(HU\) must be \(low, high\), got \[1\]"):
+        resolve_window([1])
+    with pytest.raises(ScanError, match=r"f.png: window must have finite low < high, got \(5, 1\)"):
+        window_bounds((5, 1), "f.png: window", ScanError)
+    with pytest.raises(ConfigError, match="finite"):
+        window_bounds((0, float("inf")), "w")
 
 
 def test_window_maps_linearly_and_clips():

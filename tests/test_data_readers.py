@@ -370,11 +370,16 @@ def test_inv3_inconsistent(tmp_path):
 # -- real files on this machine --------------------------------------------------------------
 
 
+def installed_scan(find, package: str):
+    """The scan at ``find()``; the test is skipped when the package that ships it is not installed."""
+    path = find()
+    if path is None:
+        pytest.skip(f"{package} is not installed")
+    return load_scan(path)
+
+
 def test_real_invesalius_cranium():
-    p = invesalius_head_ct_path()
-    if p is None:
-        pytest.skip("invesalius-examples (Cranium.inv3) is not installed")
-    s = load_scan(p)
+    s = installed_scan(invesalius_head_ct_path, "invesalius-examples (Cranium.inv3)")
     assert s.images.shape == (108, 256, 256)
     assert s.units == "HU" and s.modality == "ct"
     assert s.images.min() == pytest.approx(-1024)
@@ -390,10 +395,7 @@ def test_real_invesalius_cranium():
 
 
 def test_real_colin27_t1():
-    p = colin27_t1_path()
-    if p is None:
-        pytest.skip("mricron templates (ch2.nii.gz) are not installed")
-    s = load_scan(p)
+    s = installed_scan(colin27_t1_path, "mricron templates (ch2.nii.gz)")
     assert s.images.shape == (181, 217, 181)
     assert s.images.min() == 0 and s.images.max() == 254
     assert s.modality == "unknown" and s.units == "arbitrary"

@@ -12,7 +12,7 @@ from engine.config import ModelConfig
 from engine.denoisers import (ConvSpectralNorm, DnCNN, ResUNet, build_denoiser, conv_spectral_norm,
                               load_denoiser_weights, refresh_spectral_norms, save_denoiser_weights)
 from engine.errors import CheckpointError
-from engine.lipschitz import jacobian_spectral_norm, jacobian_spectral_radius, lipschitz_estimate
+from engine.linalg import jacobian_spectral_norm, jacobian_spectral_radius, lipschitz_estimate
 
 torch.set_num_threads(1)
 F64 = torch.float64

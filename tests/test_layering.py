@@ -1,4 +1,4 @@
-"""The engine's layering: configs read without torch, and no import cycle among engine modules.
+"""The engine's layering: configs read without torch, no import cycle among engine modules, data below physics.
 
 Cycles are looked for in every import statement, including those inside
 functions (a lazy import hides a cycle from Python, not from a reader).
@@ -10,6 +10,8 @@ import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ENGINE = Path(__file__).resolve().parents[1] / "engine"
 
@@ -87,5 +89,52 @@ def test_reading_a_config_does_not_import_torch():
 
 def test_solver_registry_is_what_configs_validate_against():
     from engine import config, solvers
+    from engine.solver_names import SOLVER_NAMES
 
-    assert tuple(solvers.SOLVERS) == config.SOLVERS
+    assert set(solvers.SOLVERS) == set(SOLVER_NAMES)
+    choices = {f.name: f.metadata["choices"] for f in config.fields(config.SolverConfig)}
+    assert choices["name"] == SOLVER_NAMES and choices["fallback"] == ("",) + SOLVER_NAMES
+    for name in SOLVER_NAMES:
+        assert solvers.get_solver(name) is solvers.SOLVERS[name]
+
+
+def test_a_solver_outside_the_names_cannot_register():
+    from engine.errors import ConfigError
+    from engine.solvers import get_solver
+    from engine.solvers.base import register_solver
+
+    with pytest.raises(ValueError, match="not in engine.solver_names"):
+        register_solver("newton")
+    with pytest.raises(ValueError, match="registered twice"):
+        register_solver("anderson")
+    with pytest.raises(ConfigError, match="unknown solver 'newton'"):
+        get_solver("newton")
+
+
+def test_the_data_layer_does_not_import_physics():
+    """engine/data/ holds arrays and metadata; operators are built from it above (engine.measured), never inside."""
+    graph = engine_import_graph()
+    data = {m for m in graph if m == "engine.data" or m.startswith("engine.data.")}
+    assert "engine.data.measurements" in data
+    reached, todo = set(), list(data)
+    while todo:  # everything the data layer imports, directly or through other engine modules
+        for target in graph[todo.pop()]:
+            if target not in reached:
+                reached.add(target)
+                todo.append(target)
+    assert "engine.physics" not in reached
+
+
+def test_config_and_checkpoint_suffixes_have_one_torch_free_home(tmp_path):
+    from engine.config import (CHECKPOINT_FORMATS, CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES, ExperimentConfig, RunConfig,
+                               load_config, save_config)
+    from engine.errors import ConfigError
+
+    config = ExperimentConfig().replace(**{"solver.tol": 1e-5})
+    for suffix in CONFIG_SUFFIXES:  # every listed suffix is written and read back
+        save_config(config, tmp_path / f"c{suffix}")
+        assert load_config(tmp_path / f"c{suffix}") == config
+    with pytest.raises(ConfigError, match="must end in"):
+        save_config(config, tmp_path / "c.json")
+    assert set(CHECKPOINT_SUFFIXES) == {s for suffixes in CHECKPOINT_FORMATS.values() for s in suffixes}
+    assert RunConfig.__dataclass_fields__["checkpoint_format"].metadata["choices"] == tuple(CHECKPOINT_FORMATS)

@@ -10,8 +10,8 @@ import torch
 from engine.cli import main
 from engine.config import ExperimentConfig, PhysicsConfig, save_config
 from engine.data import load_scan, phantom_batch
-from engine.data.measurements import (fft2c, ifft2c, is_measurement_file, kspace_from_y, load_measurement_data,
-                                      load_measurements, measurement_metrics, measurement_physics, sinogram_from_y)
+from engine.data.measurements import fft2c, ifft2c, is_measurement_file, kspace_from_y, sinogram_from_y
+from engine.measured import load_measurement_data, load_measurements, measurement_metrics, measurement_physics
 from engine.errors import ConfigError, ScanError
 from engine.events import Observers, ValidationFinished
 from engine.physics import build_physics, detector_count

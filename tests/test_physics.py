@@ -94,7 +94,7 @@ def test_autograd_is_exact_gradcheck():
 
 
 def test_torch_func_transforms_work():
-    """engine.lipschitz linearises F with torch.func.vjp / jvp."""
+    """engine.linalg linearises F with torch.func.vjp / jvp."""
     physics = SparseTomography(angles=4, img_width=8, normalize=True, dtype=F64)
     f = lambda v: torch.tanh(physics.A_adjoint(physics.A(v)))  # noqa: E731
     x = torch.randn(1, 1, 8, 8, dtype=F64)

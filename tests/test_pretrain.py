@@ -107,7 +107,7 @@ def test_pretraining_learns_to_denoise_and_the_penalty_bounds_the_jacobian():
     assert denoised_db > noisy_db + 2  # it learned something in 40 steps
     penalised = pretrain_denoiser(SMALL, 1, PretrainSettings(**{**settings.__dict__, "jacobian_weight": 10.0,
                                                                 "jacobian_target": 0.5}))
-    from engine.lipschitz import jacobian_spectral_norm
+    from engine.linalg import jacobian_spectral_norm
 
     noisy = clean + 0.1 * torch.randn_like(clean)
     norm_plain = jacobian_spectral_norm(plain, noisy, iters=30)

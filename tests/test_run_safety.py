@@ -4,7 +4,9 @@ an existing file unasked, run folders that stay inside their root, and bad threa
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -12,8 +14,13 @@ import numpy as np
 import pytest
 import torch
 
+from engine.atomic import temp_target
 from engine.checkpoint import load_checkpoint
 from engine.cli import main
+from engine.config import ExperimentConfig, save_config
+from engine.denoisers import save_denoiser_weights
+from engine.errors import CheckpointError, ScanError
+from engine.export import export_image
 from engine.errors import EquiDEQError
 from engine.events import Observers, RunControl, StepFinished
 from engine.outputs import check_output_file, claim_run_dir, new_run_dir, run_folder_name, truncate_metrics
@@ -209,6 +216,52 @@ def test_output_checks():
         check_output_file("a/../scan.npy", ["scan.npy"])
     with pytest.raises(EquiDEQError, match="is a file"):
         claim_run_dir(Path(__file__))
+
+
+def test_overwrite_removes_the_runs_files_and_their_temporary_files_only(tmp_path):
+    ours = ["config.toml", "metrics.jsonl", "checkpoint_000002.pt", "last.safetensors", "last.pt.tmp",
+            f".checkpoint_000004.pt.{os.getpid()}.0123abcd.tmp", ".config.toml.77.89abcdef.tmp",
+            ".metrics.jsonl.77.fedcba98.tmp"]
+    theirs = ["notes.txt", "checkpoint.txt", ".hidden.tmp", "my.pt.tmp", ".weights.pt.77.0123abcd.tmp"]
+    for name in ours + theirs:
+        (tmp_path / name).write_text("x")
+    claim_run_dir(tmp_path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(theirs)
+
+
+def _failing_replace(targets: list[Path]):
+    def replace(src, dst):
+        targets.append((Path(src), Path(dst)))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    return replace
+
+
+def test_every_engine_writer_goes_through_the_atomic_writer(tmp_path, monkeypatch):
+    """Config, metrics, denoiser weights and exports: a temporary file named for the target, the old file
+    kept and no temporary file left when the final move fails."""
+    config, metrics = tmp_path / "config.toml", tmp_path / "metrics.jsonl"
+    weights, export = tmp_path / "weights.safetensors", tmp_path / "slice.npy"
+    for path in (config, weights, export):
+        path.write_bytes(b"old")
+    metrics.write_text(json.dumps({"step": 1}) + "\n" + json.dumps({"step": 2}) + "\n")
+    old_metrics = metrics.read_bytes()
+    moves: list[tuple[Path, Path]] = []
+    monkeypatch.setattr(os, "replace", _failing_replace(moves))
+    with pytest.raises(OSError, match="No space left"):
+        save_config(ExperimentConfig(), config)
+    with pytest.raises(OSError, match="No space left"):
+        truncate_metrics(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="cannot write denoiser weights to .*No space left"):
+        save_denoiser_weights(torch.nn.Linear(2, 2), weights)
+    with pytest.raises(ScanError, match="cannot write .*slice.npy.*No space left"):
+        export_image(np.zeros((4, 4)), export)
+    monkeypatch.undo()
+    assert [dst for _, dst in moves] == [config, metrics, weights, export]
+    assert all(src.parent == dst.parent and temp_target(src.name) == dst.name for src, dst in moves)
+    assert all(p.read_bytes() == b"old" for p in (config, weights, export))
+    assert metrics.read_bytes() == old_metrics
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in (config, metrics, weights, export))
 
 
 def test_run_names_stay_inside_the_root(tmp_path):

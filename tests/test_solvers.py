@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from engine.config import SolverConfig
 from engine.events import RunControl
-from engine.solvers import SOLVERS, SolverOptions, solve
+from engine.solvers import SOLVERS, solve
 
 DT = torch.float64
 
@@ -24,7 +25,7 @@ def contractive_linear(d=60, rho=0.95, batch=3, seed=0):
 @pytest.mark.parametrize("name", list(SOLVERS))
 def test_reaches_tolerance_on_contractive_linear_map(name):
     f, exact = contractive_linear()
-    x, stats = solve(f, torch.zeros_like(exact), SolverOptions(name=name, tol=1e-10, stop_mode="abs",
+    x, stats = solve(f, torch.zeros_like(exact), SolverConfig(name=name, tol=1e-10, stop_mode="abs",
                                                                 max_iter=3000, memory=10, fallback=""))
     assert stats.stop_reasons == ["converged"] * 3
     assert np.all(stats.final_residual("abs") <= 1e-10)
@@ -37,7 +38,7 @@ def test_reaches_tolerance_on_contractive_linear_map(name):
 def test_reaches_tolerance_on_nonlinear_map(name):
     f_lin, exact = contractive_linear(d=40, rho=0.9)
     f = lambda x: 0.9 * torch.tanh(f_lin(x))
-    x, stats = solve(f, torch.zeros_like(exact), SolverOptions(name=name, tol=1e-9, max_iter=2000, fallback=""))
+    x, stats = solve(f, torch.zeros_like(exact), SolverConfig(name=name, tol=1e-9, max_iter=2000, fallback=""))
     assert stats.converged
     assert torch.all(torch.linalg.vector_norm(f(x) - x, dim=1) / torch.linalg.vector_norm(f(x), dim=1) <= 1.01e-9)
 
@@ -46,7 +47,7 @@ def test_accelerated_solvers_need_fewer_evaluations_on_hard_linear_map():
     f, exact = contractive_linear(d=200, rho=0.99)
     evals = {}
     for name in SOLVERS:
-        _, stats = solve(f, torch.zeros_like(exact), SolverOptions(name=name, tol=1e-8, max_iter=5000, memory=30,
+        _, stats = solve(f, torch.zeros_like(exact), SolverConfig(name=name, tol=1e-8, max_iter=5000, memory=30,
                                                                     fallback=""))
         assert stats.converged, name
         evals[name] = stats.f_evals
@@ -58,7 +59,7 @@ def test_each_sample_stops_on_its_own_tolerance():
     # sample 0 is already at its fixed point, sample 1 needs many iterations
     f = lambda x: 0.9 * x + torch.tensor([[0.0], [1.0]], dtype=DT)
     x0 = torch.tensor([[0.0], [0.0]], dtype=DT)
-    x, stats = solve(f, x0, SolverOptions(name="fixed_point", tol=1e-6, stop_mode="abs", max_iter=500))
+    x, stats = solve(f, x0, SolverConfig(name="fixed_point", tol=1e-6, stop_mode="abs", max_iter=500))
     assert stats.iterations.tolist()[0] == 1
     assert stats.iterations.tolist()[1] > 100
     trace = stats.trace("abs")
@@ -72,7 +73,7 @@ def test_expansive_map_without_fixed_point_is_reported_not_looped(name):
     # x -> 1.5 x + 1 + x^2 / 10 has no real fixed point and runs away
     f = lambda x: 1.5 * x + 1 + 0.1 * x ** 2
     x0 = torch.zeros(2, 5, dtype=DT)
-    _, stats = solve(f, x0, SolverOptions(name=name, tol=1e-8, max_iter=500, fallback=""))
+    _, stats = solve(f, x0, SolverConfig(name=name, tol=1e-8, max_iter=500, fallback=""))
     assert set(stats.stop_reasons) <= {"diverged", "non_finite"}
     assert stats.failed
     assert stats.max_iterations_used < 500
@@ -80,7 +81,7 @@ def test_expansive_map_without_fixed_point_is_reported_not_looped(name):
 
 def test_expansive_affine_map_diverges_under_plain_iteration():
     f = lambda x: 1.8 * x + 0.1
-    _, stats = solve(f, torch.zeros(3, 4, dtype=DT), SolverOptions(name="fixed_point", tol=1e-8, max_iter=500,
+    _, stats = solve(f, torch.zeros(3, 4, dtype=DT), SolverConfig(name="fixed_point", tol=1e-8, max_iter=500,
                                                                    fallback=""))
     assert stats.stop_reasons == ["diverged"] * 3
     assert stats.max_iterations_used < 50
@@ -91,7 +92,7 @@ def test_non_finite_input_is_reported():
     x0 = torch.zeros(3, 4, dtype=DT)
     x0[1, 2] = float("nan")
     for name in SOLVERS:
-        _, stats = solve(f, x0, SolverOptions(name=name, tol=1e-8, max_iter=100, fallback=""))
+        _, stats = solve(f, x0, SolverConfig(name=name, tol=1e-8, max_iter=100, fallback=""))
         assert stats.stop_reasons[1] == "non_finite", name
         assert stats.stop_reasons[0] == stats.stop_reasons[2] == "converged", name
 
@@ -104,7 +105,7 @@ def test_fallback_takes_over_diverged_samples_and_is_logged():
         calls["n"] += 1
         return -0.95 * x + 1.0
 
-    x, stats = solve(f, torch.zeros(2, 3, dtype=DT), SolverOptions(name="fixed_point", tol=1e-9, max_iter=3,
+    x, stats = solve(f, torch.zeros(2, 3, dtype=DT), SolverConfig(name="fixed_point", tol=1e-9, max_iter=3,
                                                                    fallback="anderson"))
     # plain iteration hits the cap (not a failure): no fallback
     assert stats.fallback is None and set(stats.stop_reasons) == {"max_iterations"}
@@ -116,7 +117,7 @@ def test_fallback_takes_over_diverged_samples_and_is_logged():
             return torch.full_like(x, float("inf"))
         return 0.5 * x + 1.0
 
-    x, stats = solve(g, torch.zeros(2, 3, dtype=DT), SolverOptions(name="anderson", tol=1e-9, max_iter=100,
+    x, stats = solve(g, torch.zeros(2, 3, dtype=DT), SolverConfig(name="anderson", tol=1e-9, max_iter=100,
                                                                    fallback="fixed_point"))
     assert stats.fallback == "fixed_point"
     assert stats.converged
@@ -133,7 +134,7 @@ def test_stop_request_ends_solve_with_stopped_reason():
             control.keep_current_iterate()
         return 0.999 * x + 1
 
-    _, stats = solve(f, torch.zeros(2, 2, dtype=DT), SolverOptions(name="anderson", tol=0.0, max_iter=1000), control)
+    _, stats = solve(f, torch.zeros(2, 2, dtype=DT), SolverConfig(name="anderson", tol=0.0, max_iter=1000), control)
     assert stats.stop_reasons == ["stopped", "stopped"]
     assert stats.f_evals == 5
     assert not control.stopped  # keep-current-iterate is one-shot, not a stop of the run
@@ -141,7 +142,7 @@ def test_stop_request_ends_solve_with_stopped_reason():
 
 def test_stats_event_is_plain_numpy():
     f, exact = contractive_linear(batch=2)
-    _, stats = solve(f, torch.zeros_like(exact), SolverOptions(name="anderson", tol=1e-6))
+    _, stats = solve(f, torch.zeros_like(exact), SolverConfig(name="anderson", tol=1e-6))
     event = stats.to_event("forward", step=3)
     assert isinstance(event.abs_residuals, np.ndarray) and event.abs_residuals.shape == (stats.f_evals, 2)
     assert event.direction == "forward" and event.step == 3 and event.f_evals == stats.f_evals

@@ -7,12 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from engine.config import SolverConfig
 from engine.deq import DEQReconstructor, FixedPointOperator
 from engine.denoisers import ResUNet
 from engine.events import LogMessage, StabilityChecked, StepFinished
-from engine.lipschitz import jacobian_spectral_radius
-from engine.regularisers import JacobianSpectralPenalty, differentiable_jacobian_norm
-from engine.solvers import SolverOptions
+from engine.linalg import differentiable_jacobian_norm, jacobian_spectral_radius
+from engine.regularisers import JacobianSpectralPenalty
 from engine.trainer import MIN_SAFEGUARD_PENALTY, Trainer
 from helpers import SmoothDenoiser, make_deq, tiny_ct
 from test_trainer import collect, params, tiny_config
@@ -91,7 +91,7 @@ def test_relaxed_map_has_the_same_fixed_point_and_relaxed_spectrum():
     y = physics.A(torch.rand(1, 1, 8, 8, dtype=F64))
     plain = make_deq(denoiser)
     relaxed = DEQReconstructor(FixedPointOperator(denoiser, relaxation=0.4),
-                               SolverOptions(tol=1e-12, max_iter=400, stop_mode="abs"))
+                               SolverConfig(tol=1e-12, max_iter=400, stop_mode="abs"))
     with torch.no_grad():
         x_plain, x_relaxed = plain.solve_forward(y, physics), relaxed.solve_forward(y, physics)
     assert torch.allclose(x_plain, x_relaxed, atol=1e-10)
@@ -111,7 +111,7 @@ def test_relaxation_leaves_the_implicit_gradient_unchanged():
     grads = {}
     for relaxation in (1.0, 0.5):
         model = DEQReconstructor(FixedPointOperator(denoiser, relaxation=relaxation),
-                                 SolverOptions(tol=1e-13, max_iter=500, stop_mode="abs"))
+                                 SolverConfig(tol=1e-13, max_iter=500, stop_mode="abs"))
         denoiser.zero_grad()
         ((model(y, physics) - x) ** 2).sum().backward()
         grads[relaxation] = torch.cat([p.grad.flatten() for p in denoiser.parameters()])
@@ -129,7 +129,7 @@ def test_spectral_radius_at_the_fixed_point_within_5_percent_of_the_dense_jacobi
     physics = tiny_ct(size=8, views=4)
     net = small_group_net(seed=5)
     model = DEQReconstructor(FixedPointOperator(net, stepsize=1.9, fidelity="ramp"),
-                             SolverOptions(tol=1e-10, max_iter=300, stop_mode="abs"))
+                             SolverConfig(tol=1e-10, max_iter=300, stop_mode="abs"))
     y = physics.A(torch.rand(2, 1, 8, 8, dtype=F64))
     with torch.no_grad():
         x_star = model.solve_forward(y, physics)

@@ -9,6 +9,7 @@ import pytest
 
 from engine.config import builtin_config
 from engine.events import Snapshot, SolveFinished, StepFinished, ValidationFinished
+from test_workbench_fakes import open_window, shut_down, wait_idle
 from workbench import backend
 
 TINY = {"physics.img_size": 32, "physics.views": 16, "optim.steps": 3, "model.channels": 8,
@@ -23,31 +24,15 @@ def recorded():
 
 @pytest.fixture
 def window(qtbot, wb_settings, tmp_path, recorded):
-    from workbench.main_window import MainWindow
-
     def factory(config, run_dir=None, observers=None, control=None, resume_from=None):
         observers.add(recorded.append)  # see exactly what the window saw
         return backend.make_trainer(config, run_dir=run_dir, observers=observers, control=control,
                                     resume_from=resume_from)
 
-    dialogs = []
-    w = MainWindow(config=builtin_config("ct_phantom_quick").replace(**TINY), settings=wb_settings,
-                   trainer_factory=factory, error_dialog=lambda t, m: dialogs.append((t, m)),
-                   confirm=lambda t, q: True, run_root=str(tmp_path / "runs"))
-    w.dialogs = dialogs
-    qtbot.addWidget(w)
-    w.show()
+    w = open_window(qtbot, config=builtin_config("ct_phantom_quick").replace(**TINY), settings=wb_settings,
+                    trainer_factory=factory, run_root=str(tmp_path / "runs"))
     yield w
-    if not w._shutdown_done:
-        w.request_shutdown()
-        qtbot.waitUntil(lambda: w._shutdown_done, timeout=30000)
-
-
-def _idle(qtbot, w, timeout=60000):
-    qtbot.waitUntil(lambda: not w.training.running and w.tasks.pending == 0, timeout=timeout)
-    w.relay.flush()
-    w.refresh_plots()
-    w.refresh_images()
+    shut_down(qtbot, w, timeout=30000)
 
 
 def test_real_training_fills_every_panel_then_checkpoint_round_trip(qtbot, window, recorded, tmp_path,
@@ -56,7 +41,7 @@ def test_real_training_fills_every_panel_then_checkpoint_round_trip(qtbot, windo
 
     w = window
     w.train()
-    _idle(qtbot, w)
+    wait_idle(qtbot, w, timeout=60000)
     assert w.training.last_result == "completed", w.dialogs
     steps = [e for e in recorded if isinstance(e, StepFinished)]
     assert [e.step for e in steps] == [1, 2, 3]
@@ -112,7 +97,7 @@ def test_real_training_fills_every_panel_then_checkpoint_round_trip(qtbot, windo
     bad = tmp_path / "corrupt.pt"
     bad.write_bytes(ckpt.read_bytes()[:200])
     model_before = w.state.model
-    w.open_checkpoint(str(bad))
+    w.files.open_checkpoint(str(bad))
     qtbot.waitUntil(lambda: len(w.dialogs) == 1, timeout=30000)
     assert "corrupt.pt" in w.dialogs[0][1]
     assert w.state.model is model_before and w.state.checkpoint_path == str(ckpt)
@@ -127,8 +112,8 @@ def test_real_stop_mid_run_then_close_while_running(qtbot, window, recorded, qtl
     w.train()
     qtbot.waitUntil(lambda: any(isinstance(e, StepFinished) for e in recorded), timeout=60000)
     t0 = time.monotonic()
-    w.stop()
-    _idle(qtbot, w, timeout=10000)
+    w.run.stop()
+    wait_idle(qtbot, w, timeout=10000)
     assert time.monotonic() - t0 < 5.0
     assert w.training.last_result == "stopped"
     last = max(e.step for e in recorded if isinstance(e, StepFinished))
@@ -138,6 +123,6 @@ def test_real_stop_mid_run_then_close_while_running(qtbot, window, recorded, qtl
     w.train()
     qtbot.waitUntil(lambda: any(isinstance(e, SolveFinished) for e in recorded), timeout=60000)
     w.close()
-    qtbot.waitUntil(lambda: w._shutdown_done, timeout=20000)
+    qtbot.waitUntil(lambda: w.shut_down_done, timeout=20000)
     assert not w.training.thread.isRunning()
     assert not any("Destroyed while thread" in r.message for r in qtlog.records)

@@ -1,14 +1,17 @@
 """Synthetic engine stand-ins for the workbench tests: a fake Trainer that emits
-realistic events through engine.events.Observers and honours RunControl, and a
-fake LoadedModel. Imported by the other test_workbench_* modules."""
+realistic events through engine.events.Observers and honours RunControl (its
+commands included), a fake LoadedModel, and the helpers that open, wait for and
+close a test window. Imported by the other test_workbench_* modules."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 
 from engine.config import ExperimentConfig
+from engine.evaluation import EquivarianceProbe, Reconstruction
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFinished, RunStarted, Snapshot,
                            SolveFinished, StepFinished, ValidationFinished)
 
@@ -37,20 +40,36 @@ def snapshot_event(step: int, size: int = 16, modality: str = "ct") -> Snapshot:
                     reference=ref, mask=None, modality=modality)
 
 
+class FakeNetwork:
+    """Stands in for ``LoadedModel.model``: one weight, the gain of the reconstruction."""
+
+    def __init__(self, gain: float = 0.9) -> None:
+        self.gain = gain
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gain = float(state["gain"])
+
+    def eval(self) -> "FakeNetwork":
+        return self
+
+
 class FakeModel:
     def __init__(self, config: ExperimentConfig | None = None) -> None:
         self.config = config or ExperimentConfig().replace(**{"physics.img_size": 16})
+        self.model = FakeNetwork()
 
-    def reconstruct(self, images):
+    def reconstruct(self, images) -> Reconstruction:
         images = np.asarray(images, dtype=np.float32)
-        return {"measurement": images[:, :12, :] + 1.0, "baseline": images * 0.5, "reconstruction": images * 0.9,
-                "reference": None, "mask": None, "modality": "ct", "forward_stats": None}
+        nan = np.full(len(images), np.nan)
+        return Reconstruction(measurement=images[0, :12, :] + 1.0, baseline=images * 0.5,
+                              reconstruction=images * self.model.gain, reference=None, mask=None, modality="ct",
+                              domain="image", psnr=nan, baseline_psnr=nan, residual=nan, baseline_residual=nan)
 
-    def equivariance(self, image, angle_deg):
+    def equivariance(self, image, angle_deg) -> EquivarianceProbe:
         rot = np.rot90(image, k=int(round(angle_deg / 90.0)) % 4).copy()
         other = rot * 0.95
-        return {"rotated_reconstruction": rot, "reconstruction_of_rotated": other, "difference": rot - other,
-                "error": 0.05 + angle_deg / 3600.0}
+        return EquivarianceProbe(rotated_reconstruction=rot, reconstruction_of_rotated=other, difference=rot - other,
+                                 error=0.05 + angle_deg / 3600.0, angle=float(angle_deg))
 
     def equivariance_curve(self, image, angles):
         angles = np.asarray(angles, dtype=np.float64)
@@ -59,9 +78,11 @@ class FakeModel:
 
 class FakeTrainer:
     """Emits RunStarted, per step forward + backward SolveFinished and StepFinished,
-    validation + snapshot every ``run.validate_every`` steps, RunFinished."""
+    validation + snapshot every ``run.validate_every`` steps, RunFinished; runs the
+    commands of other threads between steps, like the engine's Trainer."""
 
     step_seconds = 0.02
+    gain = 0.9  # the one weight of the model it trains
     instances: list = []
 
     def __init__(self, config, run_dir=None, observers=None, control=None, resume_from=None):
@@ -70,8 +91,9 @@ class FakeTrainer:
         self.control = control or RunControl()
         self.run_dir = run_dir
         self.step = 0
-        self.loaded = FakeModel(config)
         self.events: list = []
+        self.thread: int | None = None  # the thread that ran the loop
+        self.command_threads: list[int] = []  # the threads that read the live state
         FakeTrainer.instances.append(self)
 
     def emit(self, ev) -> None:
@@ -79,6 +101,11 @@ class FakeTrainer:
         self.observers.emit(ev)
 
     def run(self) -> str:
+        self.thread = threading.get_ident()
+        with self.control.serving():
+            return self._run()
+
+    def _run(self) -> str:
         cfg = self.config
         total = cfg.optim.steps
         self.emit(RunStarted(run_dir=self.run_dir, config=cfg.to_dict(), device="cpu", total_steps=total))
@@ -100,11 +127,50 @@ class FakeTrainer:
         self.emit(RunFinished(reason=reason, step=self.step))
         return reason
 
+    def between_steps(self, command):
+        return self.control.submit(command).result()
+
+    def weights_copy(self) -> dict:
+        self.command_threads.append(threading.get_ident())
+        return {"gain": self.gain}
+
     def save_checkpoint(self, path):
+        def capture():
+            self.command_threads.append(threading.get_ident())
+            return b"fake checkpoint"
+
+        data = self.between_steps(capture)
         with open(path, "wb") as fh:
-            fh.write(b"fake checkpoint")
+            fh.write(data)
         self.emit(CheckpointSaved(step=self.step, path=str(path)))
         return path
+
+
+# -- test windows -------------------------------------------------------------------------
+def open_window(qtbot, **kwargs):
+    """A shown MainWindow whose error dialogs go to ``window.dialogs`` and whose questions get yes."""
+    from workbench.main_window import MainWindow
+
+    dialogs: list = []
+    window = MainWindow(error_dialog=lambda t, m: dialogs.append((t, m)), confirm=lambda t, q: True, **kwargs)
+    window.dialogs = dialogs
+    qtbot.addWidget(window)
+    window.show()
+    return window
+
+
+def wait_idle(qtbot, window, timeout=10000) -> None:
+    """Wait until no run and no task is in progress, then draw everything that arrived."""
+    qtbot.waitUntil(lambda: not window.training.running and window.tasks.pending == 0, timeout=timeout)
+    window.relay.flush()
+    window.refresh()
+
+
+def shut_down(qtbot, window, timeout=10000) -> None:
+    """Close a test window the way SIGTERM does (stopping any run) and wait until its threads ended."""
+    if not window.shut_down_done:
+        window.request_shutdown()
+        qtbot.waitUntil(lambda: window.shut_down_done, timeout=timeout)
 
 
 def test_fake_trainer_emits_a_consistent_stream():

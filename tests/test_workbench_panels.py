@@ -12,14 +12,15 @@ from test_workbench_fakes import snapshot_event, solve_event
 
 # -- residuals ---------------------------------------------------------------------------
 def test_worst_trace_ignores_stopped_samples():
-    from workbench.panels.residuals import worst_trace
+    from workbench.panels.residuals_model import worst_trace
 
     arr = np.array([[1.0, 2.0], [0.5, np.nan], [0.1, np.nan], [np.nan, np.nan]])
     np.testing.assert_allclose(worst_trace(arr), [2.0, 0.5, 0.1])
 
 
 def test_residuals_panel_plots_traces_iterations_and_problems(qtbot):
-    from workbench.panels.residuals import ResidualsPanel, worst_trace
+    from workbench.panels.residuals import ResidualsPanel
+    from workbench.panels.residuals_model import worst_trace
 
     panel = ResidualsPanel(overlay=3)
     qtbot.addWidget(panel)
@@ -27,7 +28,7 @@ def test_residuals_panel_plots_traces_iterations_and_problems(qtbot):
     events.append(solve_event(6, "forward", iters=9, reason="diverged"))
     events += [solve_event(s, "backward", iters=3) for s in range(1, 4)]
     for ev in events:
-        panel.add_event(ev)
+        panel.model.add(ev)
     panel.refresh()
 
     fwd = [c for c in panel.curves["forward"] if c.isVisible()]
@@ -67,8 +68,8 @@ def test_residuals_panel_plots_the_spectral_radius_and_safeguard_actions(qtbot):
     assert panel.radius_plot.titleLabel.text == "Spectral radius of dF/dx"
     radii = [(10, 0.91, "none"), (20, 1.08, "strengthened"), (30, 0.97, "none"), (40, 1.02, "rolled_back")]
     for step, rho, action in radii:
-        panel.add_stability(StabilityChecked(step=step, spectral_radius=rho, limit=1.0, penalty_weight=0.01,
-                                             action=action))
+        panel.model.add_stability(StabilityChecked(step=step, spectral_radius=rho, limit=1.0, penalty_weight=0.01,
+                                                   action=action))
     panel.refresh()
     x, y = panel.radius_curve.getData()
     np.testing.assert_array_equal(x, [10, 20, 30, 40])
@@ -85,7 +86,7 @@ def test_residuals_panel_plots_the_spectral_radius_and_safeguard_actions(qtbot):
 
 # -- losses ------------------------------------------------------------------------------
 def test_ema_is_bias_corrected():
-    from workbench.panels.losses import ema
+    from workbench.panels.losses_model import ema
 
     np.testing.assert_allclose(ema([2.0, 2.0, 2.0], 0.9), [2.0, 2.0, 2.0])
     np.testing.assert_allclose(ema([1.0, 3.0], 0.0), [1.0, 3.0])
@@ -98,11 +99,11 @@ def test_losses_panel_curves_match_events(qtbot):
     qtbot.addWidget(panel)
     panel.logy.setChecked(False)
     for s in range(1, 6):
-        panel.add_step(StepFinished(step=s, losses={"total": 1.0 / s, "mc": 0.5 / s, "ei": 0.5 / s}, lr=1e-3,
-                                    seconds=0.1))
-    panel.add_step(StepFinished(step=6, losses={"total": 0.1, "supervised": 0.05}, lr=1e-3, seconds=0.1))
+        panel.model.add_step(StepFinished(step=s, losses={"total": 1.0 / s, "mc": 0.5 / s, "ei": 0.5 / s}, lr=1e-3,
+                                          seconds=0.1))
+    panel.model.add_step(StepFinished(step=6, losses={"total": 0.1, "supervised": 0.05}, lr=1e-3, seconds=0.1))
     for s in (2, 4):
-        panel.add_validation(ValidationFinished(step=s, psnr=20.0 + s, ssim=0.5 + s / 10))
+        panel.model.add_validation(ValidationFinished(step=s, psnr=20.0 + s, ssim=0.5 + s / 10))
     panel.refresh()
     assert set(panel.curves) == {"total", "mc", "ei", "supervised"}
     x, y = panel.curves["total"].getData()
@@ -130,7 +131,7 @@ def test_reconstruction_panel_shows_snapshot_arrays_and_slider(qtbot):
     qtbot.addWidget(panel)
     snaps = [snapshot_event(s) for s in (1, 2, 3)]
     for ev in snaps:
-        panel.add_event(ev)
+        panel.model.add_event(ev)
     panel.refresh()
     items = panel.items
     np.testing.assert_array_equal(items["reconstruction"].image, snaps[-1].reconstruction)
@@ -142,20 +143,21 @@ def test_reconstruction_panel_shows_snapshot_arrays_and_slider(qtbot):
     panel.slider.setValue(0)  # look back
     np.testing.assert_array_equal(items["reconstruction"].image, snaps[0].reconstruction)
     assert "step 1" in panel.step_label.text()
-    panel.add_event(snapshot_event(4))  # not following: stays on the chosen snapshot
+    panel.model.add_event(snapshot_event(4))  # not following: stays on the chosen snapshot
     panel.refresh()
     np.testing.assert_array_equal(items["reconstruction"].image, snaps[0].reconstruction)
 
 
 def test_window_presets_and_linked_levels(qtbot):
-    from workbench.panels.reconstructions import ReconstructionsPanel, preset_levels
+    from workbench.panels.reconstructions import ReconstructionsPanel
+    from workbench.panels.reconstructions_model import preset_levels
 
     windows = {"soft tissue": (-160.0, 240.0)}
     assert preset_levels("soft tissue", (-1000.0, 1500.0), windows) == pytest.approx((0.336, 0.496))
     assert preset_levels("soft tissue", None, windows) == (0.10, 0.60)
     panel = ReconstructionsPanel()
     qtbot.addWidget(panel)
-    panel.add_event(snapshot_event(1))
+    panel.model.add_event(snapshot_event(1))
     panel.refresh()
     panel.set_hu_range((-1000.0, 1500.0))
     panel.apply_preset("soft tissue")
@@ -176,7 +178,7 @@ def test_mri_snapshot_shows_mask_overlay(qtbot):
     ev.measurement = np.ones((16, 16), np.float32)
     ev.mask = np.zeros((16, 16), np.float32)
     ev.mask[:, ::4] = 1
-    panel.add_event(ev)
+    panel.model.add_event(ev)
     panel.refresh()
     assert panel.mask_item.image.shape == (16, 16, 4)
     assert "k-space" in panel.plots["measurement"].titleLabel.text
@@ -184,7 +186,7 @@ def test_mri_snapshot_shows_mask_overlay(qtbot):
 
 # -- equivariance, log, info, settings ----------------------------------------------------
 def test_equivariance_model_coalesces_requests():
-    from workbench.panels.equivariance import EquivarianceModel
+    from workbench.panels.equivariance_model import EquivarianceModel
 
     m = EquivarianceModel()
     assert m.want(10) == 10
@@ -207,7 +209,7 @@ def test_equivariance_panel_shows_results(qtbot):
     img = np.arange(16, dtype=np.float32).reshape(4, 4) / 16
     res = FakeModel().equivariance(img, 90)
     panel.show_result(90, res)
-    np.testing.assert_array_equal(panel.items["rotated_reconstruction"].image, res["rotated_reconstruction"])
+    np.testing.assert_array_equal(panel.items["rotated_reconstruction"].image, res.rotated_reconstruction)
     assert "0.075" in panel.error_label.text()
     panel.show_curve(*FakeModel().equivariance_curve(img, [0, 90, 180]))
     np.testing.assert_array_equal(panel.curve.getData()[0], [0, 90, 180])

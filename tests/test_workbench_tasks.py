@@ -1,10 +1,12 @@
-"""The workbench's task runner: results come back in the GUI thread, and stale work is superseded."""
+"""The workbench's worker-thread plumbing: task results come back in the GUI thread, stale
+work is superseded, and garbage is collected in the GUI thread only."""
 
 from __future__ import annotations
 
+import gc
 import threading
 
-from workbench.worker import TaskRunner
+from workbench.worker import GuiThreadGarbageCollection, TaskRunner
 
 
 def test_superseded_tasks_never_run_or_report(qtbot):
@@ -47,3 +49,40 @@ def test_without_supersede_every_task_reports(qtbot):
         runner.submit(lambda i=i: i, reported.append, name="save checkpoint")
     qtbot.waitUntil(lambda: runner.pending == 0, timeout=5000)
     assert reported == [0, 1, 2]
+
+
+class _Cycle:
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_garbage_is_collected_in_the_gui_thread_only_while_active(qtbot):
+    collected_in: list[int] = []
+
+    def record(phase, _info):
+        if phase == "start":
+            collected_in.append(threading.get_ident())
+
+    first, second = GuiThreadGarbageCollection(), GuiThreadGarbageCollection()
+    was_enabled = gc.isenabled()
+    gc.enable()
+    gc.callbacks.append(record)
+    try:
+        first.start()
+        second.start()  # two windows
+        assert not gc.isenabled()
+        worker = threading.Thread(target=lambda: [_Cycle() for _ in range(50_000)])  # far over the threshold
+        worker.start()
+        worker.join()
+        assert worker.ident not in collected_in
+        first.collect()
+        assert collected_in and set(collected_in) == {threading.get_ident()}
+        first.stop()
+        assert not gc.isenabled()  # the second window is still open
+        second.stop()
+        assert gc.isenabled()
+    finally:
+        gc.callbacks.remove(record)
+        for guard in (first, second):
+            guard.stop()
+        (gc.enable if was_enabled else gc.disable)()

@@ -7,9 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from engine.config import ExperimentConfig, save_config
-from engine.errors import CheckpointError, ScanError
-from test_workbench_fakes import FakeModel, FakeTrainer
+from engine.config import ExperimentConfig
+from engine.errors import CheckpointError
+from test_workbench_fakes import FakeModel, FakeTrainer, open_window, shut_down, wait_idle
 
 
 @pytest.fixture
@@ -38,27 +38,11 @@ def tiny_config():
 
 @pytest.fixture
 def window(qtbot, wb_settings, tmp_path, fake_engine, tiny_config):
-    from workbench.main_window import MainWindow
-
-    dialogs = []
-    w = MainWindow(config=tiny_config, settings=wb_settings, trainer_factory=fake_engine,
-                   error_dialog=lambda t, m: dialogs.append((t, m)), confirm=lambda t, q: True,
-                   run_root=str(tmp_path / "runs"))
-    w.dialogs = dialogs
-    qtbot.addWidget(w)
-    w.show()
+    w = open_window(qtbot, config=tiny_config, settings=wb_settings, trainer_factory=fake_engine,
+                    run_root=str(tmp_path / "runs"))
     yield w
-    if not w._shutdown_done:
-        w.request_shutdown()
-        qtbot.waitUntil(lambda: w._shutdown_done, timeout=10000)
+    shut_down(qtbot, w)
     assert not w.training.thread.isRunning()
-
-
-def wait_idle(qtbot, w, timeout=10000):
-    qtbot.waitUntil(lambda: not w.training.running and w.tasks.pending == 0, timeout=timeout)
-    w.relay.flush()
-    w.refresh_plots()
-    w.refresh_images()
 
 
 def test_window_opens_on_the_default(qtbot, wb_settings):
@@ -72,7 +56,7 @@ def test_window_opens_on_the_default(qtbot, wb_settings):
     assert set(w.docks) == {"settings", "info", "reconstructions", "residuals", "losses", "equivariance", "log"}
     assert "Press Train" in w.log.model.messages()[0]
     w.close()
-    assert w._shutdown_done
+    assert w.shut_down_done
 
 
 def test_training_run_fills_every_panel(qtbot, window):
@@ -112,16 +96,39 @@ def test_pause_resume_stop_mid_run(qtbot, window, fake_engine):
     w.state.config = w.state.config.replace(**{"optim.steps": 500})
     w.train()
     qtbot.waitUntil(lambda: bool(w.losses.model.steps) and w.losses.model.steps[-1] >= 2, timeout=5000)
-    w.toggle_pause()
+    w.run.toggle_pause()
     assert w.act_pause.text() == "Resume"
-    w.toggle_pause()
-    w.keep_current_iterate()
-    w.stop()
+    w.run.toggle_pause()
+    w.run.keep_current_iterate()
+    w.run.stop()
     wait_idle(qtbot, w, timeout=3000)
     assert w.training.last_result == "stopped"
     assert w.losses.model.steps[-1] < 500
     assert w.act_train.isEnabled()
     assert "stopped" in w.status_label.text().lower()
+
+
+def test_a_running_trainer_is_reached_only_by_commands_its_thread_runs(qtbot, window, fake_engine, tmp_path):
+    w = window
+    fake_engine.step_seconds = 0.05
+    w.state.config = w.state.config.replace(**{"optim.steps": 500})
+    w.train()
+    qtbot.waitUntil(lambda: bool(w.losses.model.steps) and w.training.commands is not None, timeout=5000)
+    trainer = FakeTrainer.instances[-1]
+    w.analysis.reconstruct()
+    ckpt = tmp_path / "during_the_run.pt"
+    w.files.save_checkpoint(str(ckpt))
+    qtbot.waitUntil(lambda: ckpt.exists() and w.tasks.pending == 0, timeout=5000)
+    assert w.training.running  # the run went on
+    # the weights for Reconstruct (and the equivariance probe after it) and the checkpoint's state:
+    # all captured by the training thread
+    assert len(trainer.command_threads) >= 2 and set(trainer.command_threads) == {trainer.thread}
+    assert ckpt.read_bytes() == b"fake checkpoint"
+    assert "Reconstruct: phantom" in [snap["label"] for snap in w.reconstructions.model.snapshots]
+    assert not hasattr(w.training.worker, "trainer")  # the GUI side holds commands, not the trainer
+    w.run.stop()
+    wait_idle(qtbot, w)
+    assert not w.dialogs
 
 
 def test_close_while_running_stops_cleanly(qtbot, window, fake_engine, qtlog):
@@ -133,7 +140,7 @@ def test_close_while_running_stops_cleanly(qtbot, window, fake_engine, qtlog):
     w.train()
     qtbot.waitUntil(lambda: bool(w.losses.model.steps), timeout=5000)
     w.close()
-    qtbot.waitUntil(lambda: w._shutdown_done, timeout=5000)
+    qtbot.waitUntil(lambda: w.shut_down_done, timeout=5000)
     assert asked and not w.isVisible()
     assert not w.training.thread.isRunning()
     assert not any("Destroyed while thread" in r.message for r in qtlog.records)
@@ -147,7 +154,7 @@ def test_close_refused_keeps_running(qtbot, window, fake_engine):
     qtbot.waitUntil(lambda: bool(w.losses.model.steps), timeout=5000)
     w.close()
     assert w.training.running and w.isVisible()
-    w.stop()
+    w.run.stop()
     wait_idle(qtbot, w)
 
 
@@ -188,7 +195,7 @@ def test_corrupt_files_report_and_keep_state(qtbot, window, tmp_path, monkeypatc
     w = window
     good = tmp_path / "good.npy"
     np.save(good, np.random.default_rng(1).random((2, 20, 20)).astype(np.float32))
-    w.open_scan(str(good))
+    w.files.open_scan(str(good))
     qtbot.waitUntil(lambda: w.state.scan is not None and w.tasks.pending == 0, timeout=10000)
     before_scan, before_snaps = w.state.scan, len(w.reconstructions.model.snapshots)
 
@@ -203,13 +210,13 @@ def test_corrupt_files_report_and_keep_state(qtbot, window, tmp_path, monkeypatc
 
     bad_ckpt = tmp_path / "bad.pt"
     bad_ckpt.write_bytes(b"not a checkpoint")
-    w.open_checkpoint(str(bad_ckpt))
+    w.files.open_checkpoint(str(bad_ckpt))
     qtbot.waitUntil(lambda: len(w.dialogs) == 2, timeout=10000)
     assert "corrupt" in w.dialogs[1][1] and w.state.checkpoint_path is None
 
     bad_cfg = tmp_path / "bad.toml"
     bad_cfg.write_text("[solver]\ntol = -3\n")
-    w.open_config(str(bad_cfg))
+    w.files.open_config(str(bad_cfg))
     qtbot.waitUntil(lambda: len(w.dialogs) == 3, timeout=10000)
     assert "solver.tol" in w.dialogs[2][1]
     # still usable: a run completes afterwards
@@ -241,7 +248,7 @@ def test_config_file_round_trip_and_export(qtbot, window, tmp_path, monkeypatch)
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(out), "")))
     w.act_save_config.trigger()
     qtbot.waitUntil(lambda: out.exists() and w.tasks.pending == 0, timeout=5000)
-    w.reset_config()
+    w.config_editor.reset()
     assert w.state.config.solver.max_iter != 17
     monkeypatch.setattr(QFileDialog, "getOpenFileName", staticmethod(lambda *a, **k: (str(out), "")))
     w.act_open_config.trigger()
@@ -249,14 +256,14 @@ def test_config_file_round_trip_and_export(qtbot, window, tmp_path, monkeypatch)
     assert w.settings_panel.fields["solver.max_iter"].text() == "17"
 
     # export needs a reconstruction; engine.export writes the file
-    w.reconstruct()
+    w.analysis.reconstruct()
     qtbot.waitUntil(lambda: w.reconstructions.current_image() is not None and w.tasks.pending == 0, timeout=5000)
     png = tmp_path / "rec.png"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(png), "")))
     w.act_export.trigger()
     qtbot.waitUntil(lambda: png.exists() and w.tasks.pending == 0, timeout=5000)
     npy = tmp_path / "rec.npy"
-    w.export_reconstruction(str(npy))
+    w.files.export_reconstruction(str(npy))
     qtbot.waitUntil(lambda: npy.exists(), timeout=5000)
     np.testing.assert_allclose(np.load(npy), w.reconstructions.current_image())
 
@@ -282,9 +289,23 @@ def test_settings_and_layout_persist(qtbot, wb_settings, fake_engine, tmp_path):
 def test_drop_dispatches_by_file_kind(qtbot, window, tmp_path, monkeypatch):
     w = window
     opened = []
-    monkeypatch.setattr(w, "open_checkpoint", lambda p: opened.append(("checkpoint", p)))
-    monkeypatch.setattr(w, "open_scan", lambda p: opened.append(("scan", p)))
-    monkeypatch.setattr(w, "open_config", lambda p: opened.append(("config", p)))
+    monkeypatch.setattr(w.files, "open_checkpoint", lambda p: opened.append(("checkpoint", p)))
+    monkeypatch.setattr(w.files, "open_scan", lambda p: opened.append(("scan", p)))
+    monkeypatch.setattr(w.files, "open_config", lambda p: opened.append(("config", p)))
     for name in ("m.pt", "s.dcm", "c.toml"):
-        w.open_path(str(tmp_path / name))
+        w.files.open_path(str(tmp_path / name))
     assert [k for k, _ in opened] == ["checkpoint", "scan", "config"]
+
+
+def test_the_window_is_every_presenter_view(window):
+    import inspect
+    import re
+
+    from workbench.presenters import analysis, config, events, files, run
+
+    for module, protocol in ((run, run.RunView), (events, events.EventView), (config, config.ConfigView),
+                             (files, files.FilesView), (analysis, analysis.AnalysisView)):
+        declared = {name for name in vars(protocol) if not name.startswith("_")}
+        called = set(re.findall(r"self\.view\.(\w+)", inspect.getsource(module)))
+        assert called <= declared, (module.__name__, called - declared)
+        assert all(callable(getattr(window, name, None)) for name in declared), protocol.__name__

@@ -62,11 +62,11 @@ def _startup(window, args) -> None:
     """Open what the command line asked for (in the background), then start the demo."""
     steps = []
     if args.config:
-        steps.append(lambda then: window.open_config(args.config, then=then))
+        steps.append(lambda then: window.files.open_config(args.config, then=then))
     if args.checkpoint:
-        steps.append(lambda then: window.open_checkpoint(args.checkpoint, then=then))
+        steps.append(lambda then: window.files.open_checkpoint(args.checkpoint, then=then))
     if args.scan:
-        steps.append(lambda then: window.open_scan(args.scan, then=then))
+        steps.append(lambda then: window.files.open_scan(args.scan, then=then))
 
     def finish():
         if args.demo:

@@ -1,8 +1,12 @@
-"""The engine functions the workbench calls, imported lazily.
+"""The engine calls the workbench makes, with the heavy imports deferred.
 
-Heavy modules (torch, deepinv) are only imported inside worker threads, so the
-window opens instantly; this is also the single place that knows where each
-engine function lives. Nothing here imports Qt.
+Functions here import torch / deepinv (and the engine modules built on them)
+only when called, and the workbench calls them from worker threads, so the
+window opens without waiting for torch; :func:`ct_windows` and
+:func:`new_run_dir` are the exceptions the GUI thread calls, and they import no
+torch. The light engine modules (config, events, errors) are imported directly
+where they are used. :class:`TrainerCommands` is the only way the workbench
+reaches a running trainer. Nothing here imports Qt.
 """
 
 from __future__ import annotations
@@ -12,14 +16,6 @@ from typing import Optional
 import numpy as np
 
 # HU windows used when engine.data.intensity is not available: (low, high).
-_FALLBACK_CT_WINDOWS = {
-    "soft tissue": (-160.0, 240.0),
-    "bone": (-450.0, 1050.0),
-    "lung": (-1350.0, 150.0),
-    "brain": (0.0, 80.0),
-}
-
-
 def make_trainer(config, run_dir=None, observers=None, control=None, resume_from=None):
     from engine.trainer import Trainer
 
@@ -47,32 +43,50 @@ def model_from_config(config):
     return _from(config)
 
 
-class TrainerModelView:
-    """A LoadedModel that mirrors a trainer's current weights, for reconstruct/equivariance.
+class TrainerCommands:
+    """What the workbench may ask of a training run: each request is a command that the
+    training thread executes between steps (``Trainer.between_steps``).
 
-    Built once per trainer from its config, then refreshed on every use from a
-    copy of the trainer's weights that the training thread makes between steps
-    (``Trainer.between_steps``), so probing the model never switches the live
-    training model to eval mode, races its autograd graph, or sees half of an
-    optimiser step. Call from a worker thread.
+    Built in the training thread right after the trainer, then handed to the GUI
+    thread by a queued signal. The GUI thread only passes it on to worker threads;
+    the methods block for at most the rest of the current step, so call them from a
+    worker thread. Nothing here returns a live tensor: weights and checkpoints are
+    copies made by the training thread.
+    """
+
+    def __init__(self, trainer) -> None:
+        self._trainer = trainer
+        self.config = trainer.config  # immutable: the run's config
+
+    def weights(self) -> dict:
+        """A CPU copy of the model's weights, taken between steps."""
+        return self._trainer.between_steps(self._trainer.weights_copy)
+
+    def save_checkpoint(self, path: str) -> str:
+        """Write a checkpoint of the state between steps (captured by the training thread) to ``path``."""
+        return str(self._trainer.save_checkpoint(path))
+
+
+class TrainerModelView:
+    """A LoadedModel that mirrors a training run's current weights, for reconstruct / equivariance.
+
+    Built once per run from its config, then refreshed on every use from a copy
+    of the weights that the training thread makes between steps
+    (:meth:`TrainerCommands.weights`), so probing the model never switches the
+    live training model to eval mode, races its autograd graph, or sees half of
+    an optimiser step. Used from the task thread only.
     """
 
     def __init__(self) -> None:
         self._loaded = None
-        self._trainer = None
+        self._run: Optional[TrainerCommands] = None
 
-    def get(self, trainer):
-        live = getattr(trainer, "model", None)
-        if live is None or not hasattr(live, "state_dict"):
-            return trainer.loaded  # engines / fakes without a module: use what they offer
-        if self._loaded is None or self._trainer is not trainer:
-            self._loaded = model_from_config(trainer.config)
-            self._trainer = trainer
-        if hasattr(trainer, "between_steps"):  # copied by the training thread between steps
-            state = trainer.between_steps(trainer.weights_copy)
-        else:
-            state = {k: v.detach().clone() for k, v in live.state_dict().items()}
-        self._loaded.model.load_state_dict(state)
+    def get(self, run: TrainerCommands):
+        weights = run.weights()
+        if self._loaded is None or self._run is not run:
+            self._loaded = model_from_config(run.config)
+            self._run = run
+        self._loaded.model.load_state_dict(weights)
         self._loaded.model.eval()
         return self._loaded
 
@@ -93,14 +107,18 @@ def prepare_slices(scan, size: int, window=None) -> np.ndarray:
     return _prep(scan, size, window=window)
 
 
-def ct_windows() -> dict:
-    """Preset name -> (low, high) HU, from the engine when it has them."""
-    try:
-        from engine.data.intensity import CT_WINDOWS
+def unit_windows() -> dict:
+    """The same presets as (low, high) in [0, 1], for images not in HU (phantoms, MR)."""
+    from engine.data.intensity import UNIT_WINDOWS
 
-        return {str(k).replace("_", " "): (float(v[0]), float(v[1])) for k, v in dict(CT_WINDOWS).items()}
-    except Exception:
-        return dict(_FALLBACK_CT_WINDOWS)
+    return dict(UNIT_WINDOWS)
+
+
+def ct_windows() -> dict:
+    """Preset name -> (low, high) HU (the engine's table; engine.data.intensity imports no torch)."""
+    from engine.data.intensity import CT_WINDOWS
+
+    return {name: (float(low), float(high)) for name, (low, high) in CT_WINDOWS.items()}
 
 
 def check_output_file(path, inputs) -> None:

@@ -33,7 +33,7 @@ def save_screenshots(window, directory: str, then: Optional[Callable] = None,
     def first():
         grab("workbench_training.png")
         if scan:
-            window.open_scan(scan, then=second)
+            window.files.open_scan(scan, then=second)
         else:
             second()
 

@@ -13,13 +13,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from engine.config import ExperimentConfig, builtin_config
+from engine.config import CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES, ExperimentConfig, builtin_config
 
 DEFAULT_CONFIG = "ct_phantom_quick"
 MAX_RECENT = 10
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
-CONFIG_SUFFIXES = (".toml", ".yaml", ".yml")
 
 
 def default_config() -> ExperimentConfig:
@@ -59,7 +57,10 @@ class WorkbenchState:
     slice_index: int = 0
     checkpoint_path: Optional[str] = None
     model: Any = None  # engine.inference.LoadedModel
-    model_source: str = ""  # "checkpoint" | "training" | "config" | ""
+    model_source: str = ""  # "checkpoint" | "config" | ""
+    # Reconstruct / equivariance / Save checkpoint use the weights of the latest training
+    # run (set by Train, cleared by opening a checkpoint); ``model`` otherwise.
+    use_training_weights: bool = False
     run_dir: Optional[str] = None
     recent: list = field(default_factory=list)
 
@@ -91,6 +92,18 @@ class WorkbenchState:
             return None
         i = min(max(0, int(self.slice_index)), len(self.slices) - 1)
         return self.slices[i]
+
+    def data_window(self) -> Optional[tuple]:
+        """The config's HU window (low, high) for scans, or None for the scan's own range."""
+        window = list(self.config.data.window or [])
+        return tuple(window) if len(window) == 2 else None
+
+    def hu_range(self) -> Optional[tuple]:
+        """The HU range that displayed [0, 1] stands for: only for a CT scan in HU."""
+        scan = self.scan
+        if scan is not None and getattr(scan, "units", "") == "HU" and getattr(scan, "modality", "") == "ct":
+            return self.data_window()
+        return None
 
     def set_scan(self, path: str, scan, slices) -> None:
         self.scan, self.scan_path, self.slices = scan, path, slices

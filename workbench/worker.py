@@ -5,14 +5,19 @@
   solver emitting thousands of events costs one cross-thread emit per GUI
   event-loop turn, not one per event.
 * :class:`TrainingController` owns one QThread with a :class:`TrainingWorker`
-  in it; the worker builds the engine's Trainer and runs it there.
+  in it; the worker builds the engine's Trainer and runs it there, and hands
+  the GUI thread a :class:`~workbench.backend.TrainerCommands` (requests the
+  training thread executes between steps) instead of the trainer.
 * :class:`TaskRunner` runs short jobs (file loading, checkpoint I/O,
   reconstruction, equivariance) on a one-thread QThreadPool and calls back in
   the GUI thread.
+* :class:`GuiThreadGarbageCollection` keeps Python's cyclic garbage collector
+  in the GUI thread while those threads run.
 """
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import threading
@@ -20,7 +25,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Qt, Signal, Slot
+from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Qt, QTimer, Signal, Slot
 
 from engine.errors import EquiDEQError
 from engine.events import LogMessage, Observers, RunControl, RunFailed, RunFinished
@@ -73,8 +78,10 @@ class EventRelay(QObject):
         self._drain()
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainRequest:
+    """A run the GUI thread asks the training thread for."""
+
     config: Any
     control: RunControl
     run_dir: Optional[str] = None
@@ -82,15 +89,20 @@ class TrainRequest:
 
 
 class TrainingWorker(QObject):
-    """Lives in the training QThread; builds and runs the engine's trainer there."""
+    """Lives in the training QThread; builds and runs the engine's trainer there.
 
+    The GUI side never calls the trainer: it gets a
+    :class:`~workbench.backend.TrainerCommands` for it through ``trainerReady``,
+    whose requests this thread executes between steps.
+    """
+
+    trainerReady = Signal(object)  # backend.TrainerCommands of the run just built
     runEnded = Signal(str)  # "completed" | "stopped" | "failed"
 
     def __init__(self, relay: EventRelay, trainer_factory: Callable) -> None:
         super().__init__()
         self.relay = relay
         self.trainer_factory = trainer_factory
-        self.trainer = None
         self._threads_set = False
 
     @Slot(object)
@@ -104,9 +116,10 @@ class TrainingWorker(QObject):
                     pass
                 self._threads_set = True
             observers = Observers([self.relay.push])
-            self.trainer = self.trainer_factory(request.config, run_dir=request.run_dir, observers=observers,
-                                                control=request.control, resume_from=request.resume_from)
-            result = str(self.trainer.run() or "completed")
+            trainer = self.trainer_factory(request.config, run_dir=request.run_dir, observers=observers,
+                                           control=request.control, resume_from=request.resume_from)
+            self.trainerReady.emit(backend.TrainerCommands(trainer))
+            result = str(trainer.run() or "completed")
         except EquiDEQError as exc:
             self.relay.push(RunFailed(message=str(exc)))
             self.relay.push(RunFinished(reason="failed", step=0))
@@ -119,7 +132,12 @@ class TrainingWorker(QObject):
 
 
 class TrainingController(QObject):
-    """Owns the training thread; start / pause / resume / stop / keep-iterate; clean shutdown."""
+    """Owns the training thread; start / pause / resume / stop / keep-iterate; clean shutdown.
+
+    Lives in the GUI thread and is only touched there. ``commands`` is the
+    :class:`~workbench.backend.TrainerCommands` of the latest run whose trainer
+    was built (it stays after the run ends, for saving and probing its model).
+    """
 
     runStarted = Signal()
     runEnded = Signal(str)
@@ -134,15 +152,13 @@ class TrainingController(QObject):
         self.worker = TrainingWorker(relay, trainer_factory)
         self.worker.moveToThread(self.thread)
         self._request.connect(self.worker.run, Qt.ConnectionType.QueuedConnection)
+        self.worker.trainerReady.connect(self._trainer_ready, Qt.ConnectionType.QueuedConnection)
         self.worker.runEnded.connect(self._on_ended, Qt.ConnectionType.QueuedConnection)
         self.thread.start()
         self.control: Optional[RunControl] = None
+        self.commands: Optional[backend.TrainerCommands] = None
         self.running = False
         self.last_result: Optional[str] = None
-
-    @property
-    def trainer(self):
-        return self.worker.trainer
 
     def start(self, config, run_dir=None, resume_from=None) -> bool:
         if self.running:
@@ -153,25 +169,25 @@ class TrainingController(QObject):
         self.runStarted.emit()
         return True
 
-    def pause(self) -> None:
+    def _tell(self, order: Callable[[RunControl], None]) -> None:
         if self.control:
-            self.control.pause()
+            order(self.control)
+
+    def pause(self) -> None:
+        self._tell(RunControl.pause)
 
     def resume(self) -> None:
-        if self.control:
-            self.control.resume()
-
-    @property
-    def paused(self) -> bool:
-        return bool(self.control and self.running and self.control.paused)
+        self._tell(RunControl.resume)
 
     def stop(self) -> None:
-        if self.control:
-            self.control.stop()
+        self._tell(RunControl.stop)
 
     def keep_current_iterate(self) -> None:
-        if self.control:
-            self.control.keep_current_iterate()
+        self._tell(RunControl.keep_current_iterate)
+
+    @Slot(object)
+    def _trainer_ready(self, commands) -> None:
+        self.commands = commands
 
     @Slot(str)
     def _on_ended(self, result: str) -> None:
@@ -286,3 +302,61 @@ class TaskRunner(QObject):
 
     def wait(self, timeout_ms: int = 30000) -> bool:
         return bool(self.pool.waitForDone(timeout_ms))
+
+
+class GuiThreadGarbageCollection(QObject):
+    """Python's cyclic garbage collector, run only in the GUI thread while this object is active.
+
+    Automatic collection runs in whichever thread happens to allocate, usually
+    the training thread. When the garbage holds Qt wrappers (plot items a panel
+    removed, a closed window) that thread then destroys Qt objects off their
+    own thread: it waits for the GIL while holding Qt's object lock, the GUI
+    thread holds the GIL and waits for that lock, and both hang. So automatic
+    collection is off while any window is active, and a timer collects in the
+    GUI thread by the same generation thresholds (pyqtgraph's GarbageCollector
+    does the same). The collector's previous setting comes back when the last
+    active one stops.
+    """
+
+    _active = 0
+    _was_enabled = True
+
+    def __init__(self, parent: Optional[QObject] = None, interval_ms: int = 500) -> None:
+        super().__init__(parent)
+        self._timer = QTimer(self)
+        self._timer.setInterval(interval_ms)
+        self._timer.timeout.connect(self.collect)
+        self.running = False
+
+    def start(self) -> None:
+        if self.running:
+            return
+        if GuiThreadGarbageCollection._active == 0:
+            GuiThreadGarbageCollection._was_enabled = gc.isenabled()
+            gc.disable()
+        GuiThreadGarbageCollection._active += 1
+        self.running = True
+        self._timer.start()
+
+    def stop(self) -> None:
+        """Stop collecting on the timer; collect once now (in the GUI thread)."""
+        if not self.running:
+            return
+        self._timer.stop()
+        self.running = False
+        GuiThreadGarbageCollection._active -= 1
+        gc.collect()
+        if GuiThreadGarbageCollection._active == 0 and GuiThreadGarbageCollection._was_enabled:
+            gc.enable()
+
+    @Slot()
+    def collect(self) -> None:
+        counts, thresholds = gc.get_count(), gc.get_threshold()
+        generation = -1
+        for g in range(3):  # the oldest generation over its threshold, as automatic collection would
+            if counts[g] > thresholds[g]:
+                generation = g
+            else:
+                break
+        if generation >= 0:
+            gc.collect(generation)

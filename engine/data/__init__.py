@@ -9,8 +9,10 @@ Public API (everything a caller needs; the format modules are implementation):
 * intensity: :func:`window`, :data:`CT_WINDOWS`, :data:`AUTO_CT_WINDOW`,
   :func:`normalise_magnitude`, :func:`to_square`, :func:`resize`, :func:`prepare_slices`
 * datasets: :func:`slice_range`, :func:`load_training_images`
-* raw measurements (k-space, sinograms) for training / reconstruction without
-  simulation: :mod:`engine.data.measurements` (imported on demand; it needs torch)
+* raw measurements (k-space, sinograms) as arrays and geometry, and their layouts:
+  :mod:`engine.data.measurements` (imported on demand; it needs torch). Reading them
+  against a physics config, and the operator for their geometry, is :mod:`engine.measured`,
+  above this layer: nothing here imports :mod:`engine.physics`.
 * real data on this machine: :func:`invesalius_head_ct_path`, :func:`colin27_t1_path`,
   :func:`pydicom_test_file`
 

@@ -17,7 +17,7 @@
     Only image-domain data (or measurement files that carry reference images,
     like fastMRI's ``reconstruction_rss``) can be used here; the trainer
     routes files of raw measurements (k-space, sinograms) to
-    :func:`engine.data.measurements.load_measurement_data` instead, which
+    :func:`engine.measured.load_measurement_data` instead, which
     splits their slices the same way (:func:`split_indices`).
 """
 

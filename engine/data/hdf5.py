@@ -40,15 +40,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.data.scans import (
-    Scan,
-    ScanBudget,
-    ScanLimits,
-    as_image_stack,
-    as_kspace,
-    check_finite,
-    display_name,
-)
+from engine.data.scans import Scan, ScanBudget, ScanLimits, as_image_stack, as_kspace, check_finite, display_name
 from engine.errors import ScanError
 
 __all__ = ["read_hdf5", "EXPECTED_LAYOUTS"]

@@ -27,9 +27,11 @@ from engine.errors import ConfigError, ScanError
 
 __all__ = [
     "CT_WINDOWS",
+    "UNIT_WINDOWS",
     "AUTO_CT_WINDOW",
     "window",
     "resolve_window",
+    "window_bounds",
     "normalise_magnitude",
     "to_square",
     "resize",
@@ -42,6 +44,15 @@ CT_WINDOWS = {
     "bone": (-450.0, 1050.0),
     "lung": (-1350.0, 150.0),
     "brain": (0.0, 80.0),
+}
+
+#: The same presets for images already in ``[0, 1]`` that are not in HU (phantoms, MR magnitude):
+#: display ranges chosen by eye, one per name of :data:`CT_WINDOWS` (the GUI's level presets).
+UNIT_WINDOWS = {
+    "soft tissue": (0.10, 0.60),
+    "bone": (0.30, 1.00),
+    "lung": (0.00, 0.35),
+    "brain": (0.15, 0.45),
 }
 
 #: The window prepare_slices uses for HU data when none is given.
@@ -61,12 +72,21 @@ def resolve_window(spec: WindowSpec) -> tuple[float, float]:
         if key not in CT_WINDOWS:
             raise ConfigError(f"unknown CT window '{spec}' (presets: {', '.join(CT_WINDOWS)}, or [low, high])")
         return CT_WINDOWS[key]
+    return window_bounds(spec, "CT window (HU)")
+
+
+def window_bounds(spec, what: str, error: type[Exception] = ConfigError) -> tuple[float, float]:
+    """``(low, high)`` as floats from a 2-sequence; ``error`` naming ``what`` unless both are finite and ``low < high``.
+
+    The one check of an explicit display / intensity window (the CT window here,
+    an export's window in :mod:`engine.export`).
+    """
     try:
         low, high = (float(v) for v in spec)
     except (TypeError, ValueError):
-        raise ConfigError(f"CT window must be [low, high] in HU, got {spec!r}") from None
+        raise error(f"{what} must be (low, high), got {spec!r}") from None
     if not (np.isfinite(low) and np.isfinite(high)) or high <= low:
-        raise ConfigError(f"CT window must have finite low < high, got [{low}, {high}]")
+        raise error(f"{what} must have finite low < high, got ({low:g}, {high:g})")
     return low, high
 
 

@@ -161,11 +161,19 @@ def random_ellipses(n: int, size: int, seed: int = 0, dtype=np.float32) -> np.nd
     ellipses of varied intensity, 2-6 small high-contrast spots and a mild
     smooth texture. Deterministic for ``seed``; image ``i`` does not depend on ``n``.
     """
+    return _seeded_stack(_random_head, n, size, seed, dtype)
+
+
+def _seeded_stack(draw, n: int, size: int, seed: int, dtype) -> np.ndarray:
+    """``[n, size, size]`` of ``draw(size, rng)``, image ``i`` from the ``i``-th child of ``SeedSequence(seed)``.
+
+    Image ``i`` therefore does not depend on ``n``.
+    """
     _check(n, size)
     children = np.random.SeedSequence(int(seed)).spawn(int(n))
     out = np.empty((n, size, size), dtype=dtype)
     for i, child in enumerate(children):
-        out[i] = _random_head(size, np.random.default_rng(child))
+        out[i] = draw(size, np.random.default_rng(child))
     return out
 
 
@@ -178,10 +186,5 @@ def phantom_batch(kind: str, n: int, size: int, seed: int = 0, dtype=np.float32)
     if kind == "ellipses":
         return random_ellipses(n, size, seed=seed, dtype=dtype)
     if kind == "shepp_logan":
-        _check(n, size)
-        children = np.random.SeedSequence(int(seed)).spawn(int(n))
-        out = np.empty((n, size, size), dtype=dtype)
-        for i, child in enumerate(children):
-            out[i] = _shepp_logan_variant(size, np.random.default_rng(child))
-        return out
+        return _seeded_stack(_shepp_logan_variant, n, size, seed, dtype)
     raise ConfigError(f"unknown phantom kind {kind!r}; choose one of {', '.join(PHANTOM_KINDS)}")

@@ -39,16 +39,8 @@ from typing import Optional
 
 import numpy as np
 
-from engine.data.scans import (
-    Scan,
-    ScanBudget,
-    ScanLimits,
-    as_image_stack,
-    as_kspace,
-    check_finite,
-    display_name,
-    image_scan,
-)
+from engine.data.scans import (Scan, ScanBudget, ScanLimits, as_image_stack, as_kspace, check_finite, display_name,
+                               image_scan)
 from engine.errors import ScanError
 
 __all__ = ["read_npy", "read_npz", "read_pil", "read_nifti", "read_inv3"]

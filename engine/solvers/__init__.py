@@ -1,47 +1,58 @@
-"""Batched fixed-point solvers, chosen by name; each returns ``(x, SolveStats)``.
+"""Batched fixed-point solvers, chosen by name from one registry; every solve returns ``(x, SolveStats)``.
 
-``solve`` runs the named solver and, for samples that diverged or went
+:data:`SOLVERS` maps each name of :data:`engine.solver_names.SOLVER_NAMES` (the
+list :mod:`engine.config` validates against) to its solve function; the
+solver modules enter themselves with :func:`~engine.solvers.base.register_solver`.
+:func:`solve` runs the solver ``options.name`` (an
+:class:`engine.config.SolverConfig`) and, for samples that diverged or went
 non-finite, restarts them from their best iterate with the configured
 fallback (damped iteration by default); the fallback is logged in the stats.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
 
+from engine.config import SolverConfig
+from engine.errors import ConfigError
 from engine.events import RunControl
-from engine.solvers.anderson import anderson
-from engine.solvers.base import FixedPointMap, SolverOptions
-from engine.solvers.broyden import broyden
-from engine.solvers.fixed_point import fixed_point_iteration
-from engine.solvers.stats import (CONVERGED, DIVERGED, MAX_ITERATIONS, NON_FINITE, STOP_REASONS,
-                                  STOPPED, SolveStats)
+from engine.solver_names import FAILURE_REASONS, SOLVER_NAMES
+from engine.solvers import anderson as _anderson, broyden as _broyden, fixed_point as _fixed_point  # noqa: F401
+from engine.solvers.base import SOLVERS, FixedPointMap, Solver
+from engine.solvers.stats import SolveStats
 
-SOLVERS = {"fixed_point": fixed_point_iteration, "anderson": anderson, "broyden": broyden}
+if set(SOLVERS) != set(SOLVER_NAMES):  # register_solver refuses unknown names; none may be missing either
+    raise ImportError(f"engine.solvers registers {sorted(SOLVERS)}, engine.solver_names lists {list(SOLVER_NAMES)}")
 
 #: damping of the fallback iteration: a Krasnosel'skii-Mann average survives mild expansiveness
 FALLBACK_DAMPING = 0.5
 
 
-def solve(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
+def get_solver(name: str) -> Solver:
+    """The registered solve function ``name`` (:class:`~engine.errors.ConfigError` naming the known ones if none)."""
+    try:
+        return SOLVERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown solver '{name}' (known: {', '.join(SOLVERS)})") from None
+
+
+def solve(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig,
           control: Optional[RunControl] = None) -> tuple[torch.Tensor, SolveStats]:
     """Solve ``x = f(x)`` per sample with ``options.name``; fall back on failed samples."""
-    try:
-        solver = SOLVERS[options.name]
-    except KeyError:
-        raise ValueError(f"unknown solver '{options.name}' (known: {', '.join(SOLVERS)})") from None
+    solver = get_solver(options.name)
     with torch.no_grad():
         x, stats = solver(f, x0, options, control)
-        failed = torch.tensor([r in (DIVERGED, NON_FINITE) for r in stats.stop_reasons], device=x.device)
+        failed = torch.tensor([r in FAILURE_REASONS for r in stats.stop_reasons], device=x.device)
         finite_start = torch.isfinite(x.flatten(1)).all(1)
         retry = failed & finite_start
         if options.fallback and bool(retry.any()):
-            fallback_options = SolverOptions(**{**vars(options), "name": options.fallback,
-                                                "damping": FALLBACK_DAMPING, "fallback": ""})
+            fallback_options = dataclasses.replace(options, name=options.fallback, damping=FALLBACK_DAMPING,
+                                                   fallback="")
             used = stats.f_evals
-            x_fb, fb_stats = SOLVERS[options.fallback](f, x, fallback_options, control, active=retry)
+            x_fb, fb_stats = get_solver(options.fallback)(f, x, fallback_options, control, active=retry)
             stats.fallback = options.fallback
             stats.f_evals = used + fb_stats.f_evals
             stats.seconds += fb_stats.seconds
@@ -55,6 +66,4 @@ def solve(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
     return x, stats
 
 
-__all__ = ["solve", "SolverOptions", "SolveStats", "SOLVERS", "anderson", "broyden",
-           "fixed_point_iteration", "CONVERGED", "DIVERGED", "MAX_ITERATIONS", "NON_FINITE",
-           "STOPPED", "STOP_REASONS", "FixedPointMap"]
+__all__ = ["solve", "get_solver", "SOLVERS", "Solver", "SolveStats", "FixedPointMap", "FALLBACK_DAMPING"]

@@ -11,28 +11,22 @@ with ``alpha = (H + lambda I)^{-1} 1 / (1^T (H + lambda I)^{-1} 1)``,
 so it means the same at residual 1e2 as at 1e-6 (deepinv's absolute ridge
 either dominates or vanishes as residuals shrink). When a sample's residual
 rises ``restart_factor`` above its best, its history is cleared and it
-restarts from its best iterate; more than ``max_restarts`` restarts is
-reported as divergence.
+restarts from its best iterate; more than ``max_restarts`` restarts without
+progress is reported as divergence.
 """
 
 from __future__ import annotations
 
-import time
-from typing import Optional
-
 import torch
 
-from engine.events import RunControl
-from engine.solvers.base import FixedPointMap, SolverOptions, Tracker
-from engine.solvers.stats import SolveStats
+from engine.config import SolverConfig
+from engine.solver_names import ANDERSON
+from engine.solvers.base import FixedPointMap, Tracker, register_solver
 
 
-def anderson(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
-             control: Optional[RunControl] = None, active: Optional[torch.Tensor] = None,
-             stats: Optional[SolveStats] = None) -> tuple[torch.Tensor, SolveStats]:
-    started = time.perf_counter()
-    stats = stats or SolveStats(solver="anderson", tolerance=options.tol, tolerance_mode=options.stop_mode)
-    tracker = Tracker(x0, options, stats, control, active)
+@register_solver(ANDERSON)
+def anderson(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig, tracker: Tracker) -> None:
+    """Anderson's iteration on ``f`` from ``x0`` (see the module docstring), bookkept by ``tracker``."""
     shape = x0.shape
     batch, m, beta = shape[0], max(1, options.memory), options.damping
     dim = x0[0].numel()
@@ -45,7 +39,7 @@ def anderson(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
     iteration = 0
     while True:
         fx = f(x.view(shape)).reshape(batch, dim)
-        stats.f_evals += 1
+        tracker.stats.f_evals += 1
         slot = iteration % m
         iteration += 1
         monitored = tracker.observe(x.view(shape), fx.view(shape))
@@ -84,4 +78,3 @@ def anderson(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
         else:
             x_new = beta * mixed_f + (1 - beta) * torch.bmm(weights.unsqueeze(1), xs).squeeze(1)
         x = torch.where(act[:, None], x_new, x)
-    return tracker.finish(started), stats

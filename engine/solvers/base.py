@@ -1,4 +1,4 @@
-"""Shared machinery of the batched fixed-point solvers.
+"""Shared machinery of the batched fixed-point solvers: the registry, the common preamble, per-sample bookkeeping.
 
 Every solver finds ``x = f(x)`` for a batch ``x`` of shape ``[B, ...]`` and
 treats each sample on its own: a sample stops when *its* residual meets the
@@ -12,52 +12,75 @@ Residuals, per sample ``b``::
 
 Divergence: the absolute residual rises above ``divergence_factor`` times its
 running minimum, or the solver had to restart more than ``max_restarts``
-times. A non-finite residual is reported as ``non_finite``. Neither is ever
+times without progress. A non-finite residual is reported as ``non_finite``. Neither is ever
 looped silently to the cap.
+
+Solvers are chosen by name (torchdeq's style): :func:`register_solver` turns an
+iteration body into a solve function with the common signature
+``solver(f, x0, options, control=None, active=None) -> (x, SolveStats)`` and
+enters it in :data:`SOLVERS` under one of :data:`engine.solver_names.SOLVER_NAMES`.
+The options are an :class:`engine.config.SolverConfig`.
 """
 
 from __future__ import annotations
 
+import functools
 import time
-from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 import torch
 
+from engine.config import SolverConfig
 from engine.events import RunControl
-from engine.solvers.stats import (CONVERGED, DIVERGED, MAX_ITERATIONS, NON_FINITE, STOPPED,
-                                  SolveStats)
+from engine.solver_names import CONVERGED, DIVERGED, MAX_ITERATIONS, NON_FINITE, SOLVER_NAMES, STOPPED
+from engine.solvers.stats import SolveStats
 
 FixedPointMap = Callable[[torch.Tensor], torch.Tensor]
 
+#: ``solver(f, x0, options, control=None, active=None) -> (x, stats)``; ``active`` masks the samples to solve.
+Solver = Callable[..., tuple[torch.Tensor, SolveStats]]
 
-@dataclass
-class SolverOptions:
-    """How to solve; mirrors :class:`engine.config.SolverConfig`."""
+#: The registry: solver name -> solve function (filled by :func:`register_solver`).
+SOLVERS: dict[str, Solver] = {}
 
-    name: str = "anderson"
-    tol: float = 1e-4
-    stop_mode: str = "rel"
-    max_iter: int = 60
-    memory: int = 5
-    damping: float = 1.0
-    regularization: float = 1e-4
-    divergence_factor: float = 1e4
-    fallback: str = "fixed_point"
-    max_restarts: int = 3
-    #: restart Anderson/Broyden history when the residual exceeds this multiple of its best
-    restart_factor: float = 10.0
 
-    @classmethod
-    def from_config(cls, cfg) -> "SolverOptions":
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in vars(cfg).items() if k in names})
+def register_solver(name: str) -> Callable[[Callable], Solver]:
+    """Decorator: register the iteration ``body(f, x0, options, tracker)`` as the solver ``name``.
+
+    The registered function does what every solver does around its iteration:
+    it starts the clock, creates the :class:`SolveStats` and the
+    :class:`Tracker` (``active`` masks the samples to solve; the others are
+    left as they are), runs ``body`` -- which iterates until
+    :meth:`Tracker.check_control_and_cap` says stop, counting its map calls in
+    ``tracker.stats.f_evals`` -- and returns the best iterate with the stats.
+    ``name`` must be one of :data:`~engine.solver_names.SOLVER_NAMES` and not
+    registered yet.
+    """
+    if name not in SOLVER_NAMES:
+        raise ValueError(f"solver '{name}' is not in engine.solver_names.SOLVER_NAMES ({', '.join(SOLVER_NAMES)})")
+    if name in SOLVERS:
+        raise ValueError(f"solver '{name}' is registered twice")
+
+    def decorate(body: Callable) -> Solver:
+        @functools.wraps(body)
+        def solver(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig, control: Optional[RunControl] = None,
+                   active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SolveStats]:
+            started = time.perf_counter()
+            stats = SolveStats(solver=name, tolerance=options.tol, tolerance_mode=options.stop_mode)
+            tracker = Tracker(x0, options, stats, control, active)
+            body(f, x0, options, tracker)
+            return tracker.finish(started), stats
+
+        SOLVERS[name] = solver
+        return solver
+
+    return decorate
 
 
 class Tracker:
     """Per-sample bookkeeping: residuals, traces, stop reasons, best iterate."""
 
-    def __init__(self, x0: torch.Tensor, options: SolverOptions, stats: SolveStats,
+    def __init__(self, x0: torch.Tensor, options: SolverConfig, stats: SolveStats,
                  control: Optional[RunControl], active: Optional[torch.Tensor] = None):
         batch = x0.shape[0]
         device = x0.device
@@ -71,10 +94,7 @@ class Tracker:
         self.lowest_abs = torch.full((batch,), float("inf"), device=device, dtype=torch.float64)
         self.best_at_restart = torch.full((batch,), float("inf"), device=device, dtype=torch.float64)
         self.iterations = torch.zeros(batch, dtype=torch.long, device=device)
-        self.reasons: list[Optional[str]] = [None] * batch
-        for b in range(batch):
-            if not bool(self.active[b]):
-                self.reasons[b] = "inactive"
+        self.reasons: list[Optional[str]] = [None] * batch  # stays None for samples not solved (inactive)
 
     @property
     def any_active(self) -> bool:
@@ -136,7 +156,7 @@ class Tracker:
 
         A restart after real progress (best residual halved since the previous
         restart) is routine; only restarts without progress count towards
-        ``max_restarts`` and so towards divergence.
+        ``options.max_restarts`` and so towards divergence.
         """
         mask = self.active & (monitored > self.options.restart_factor * self.best_residual)
         progressed = self.best_residual < 0.5 * self.best_at_restart
@@ -147,7 +167,7 @@ class Tracker:
 
     def finish(self, started: float) -> torch.Tensor:
         self.stats.iterations = self.iterations.clone()
-        self.stats.stop_reasons = [r if r != "inactive" else None for r in self.reasons]
+        self.stats.stop_reasons = list(self.reasons)
         self.stats.seconds += time.perf_counter() - started
         return self.best_x
 

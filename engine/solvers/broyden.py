@@ -13,14 +13,11 @@ go back to the best iterate).
 
 from __future__ import annotations
 
-import time
-from typing import Optional
-
 import torch
 
-from engine.events import RunControl
-from engine.solvers.base import FixedPointMap, SolverOptions, Tracker
-from engine.solvers.stats import SolveStats
+from engine.config import SolverConfig
+from engine.solver_names import BROYDEN
+from engine.solvers.base import FixedPointMap, Tracker, register_solver
 
 
 def _apply_inverse(us, vs, vec):
@@ -33,12 +30,9 @@ def _apply_inverse_transposed(us, vs, vec):
     return -vec + torch.bmm(vs.transpose(1, 2), torch.bmm(us, vec.unsqueeze(-1))).squeeze(-1)
 
 
-def broyden(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
-            control: Optional[RunControl] = None, active: Optional[torch.Tensor] = None,
-            stats: Optional[SolveStats] = None) -> tuple[torch.Tensor, SolveStats]:
-    started = time.perf_counter()
-    stats = stats or SolveStats(solver="broyden", tolerance=options.tol, tolerance_mode=options.stop_mode)
-    tracker = Tracker(x0, options, stats, control, active)
+@register_solver(BROYDEN)
+def broyden(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig, tracker: Tracker) -> None:
+    """Broyden's iteration on ``f`` from ``x0`` (see the module docstring), bookkept by ``tracker``."""
     shape = x0.shape
     batch, m = shape[0], max(1, options.memory)
     dim = x0[0].numel()
@@ -52,7 +46,7 @@ def broyden(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
     iteration = 0
     while True:
         fx = f(x.view(shape)).reshape(batch, dim)
-        stats.f_evals += 1
+        tracker.stats.f_evals += 1
         iteration += 1
         gx = fx - x
         monitored = tracker.observe(x.view(shape), fx.view(shape))
@@ -83,4 +77,3 @@ def broyden(f: FixedPointMap, x0: torch.Tensor, options: SolverOptions,
         step = -_apply_inverse(us, vs, gx)
         x_prev, gx_prev = x, gx
         x = torch.where(act[:, None], x + options.damping * step, x)
-    return tracker.finish(started), stats

@@ -9,13 +9,7 @@ import numpy as np
 import torch
 
 from engine.events import SolveFinished
-
-CONVERGED = "converged"
-MAX_ITERATIONS = "max_iterations"
-DIVERGED = "diverged"
-NON_FINITE = "non_finite"
-STOPPED = "stopped"  # the user asked the solve to end (stop / keep current iterate)
-STOP_REASONS = (CONVERGED, MAX_ITERATIONS, DIVERGED, NON_FINITE, STOPPED)
+from engine.solver_names import CONVERGED, FAILURE_REASONS
 
 
 @dataclass
@@ -32,7 +26,8 @@ class SolveStats:
             NaN once a sample has stopped.
         rel_residuals: same, divided by ``||F(x_k)||``.
         iterations: ``[batch]`` iterations used by each sample.
-        stop_reasons: one of :data:`STOP_REASONS` per sample.
+        stop_reasons: one of :data:`engine.solver_names.STOP_REASONS` per sample
+            (None for a sample the solve was not asked to solve).
         f_evals: calls of the (batched) map.
         seconds: wall time.
         fallback: name of the solver that took over diverged samples, if any.
@@ -57,7 +52,7 @@ class SolveStats:
     @property
     def failed(self) -> bool:
         """True when some sample diverged or went non-finite."""
-        return any(r in (DIVERGED, NON_FINITE) for r in self.stop_reasons)
+        return any(r in FAILURE_REASONS for r in self.stop_reasons)
 
     @property
     def max_iterations_used(self) -> int:

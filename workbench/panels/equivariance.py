@@ -1,54 +1,20 @@
 """Equivariance: T_g f(y), f(A T_g f(y)) and their difference for a rotation angle,
 plus the equivariance error against angle for the current model.
 
-The panel only asks; the main window computes in a background thread
-(LoadedModel.equivariance / equivariance_curve) and hands results back.
+The panel only asks; :mod:`workbench.presenters.analysis` computes in a
+background thread (LoadedModel.equivariance / equivariance_curve) and hands the
+results back; :mod:`workbench.panels.equivariance_model` holds the panel's data.
 """
 
 from __future__ import annotations
 
-from typing import Optional
-
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt, QTimer, Signal
 from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
+from workbench.panels.equivariance_model import EquivarianceModel, probe_images
 from workbench.panels.linking import ViewLinker
-
-
-class EquivarianceModel:
-    """One request in flight at a time; the newest wanted angle wins."""
-
-    def __init__(self) -> None:
-        self.wanted: Optional[float] = None
-        self.in_flight: Optional[float] = None
-        self.result: Optional[dict] = None
-        self.result_angle: Optional[float] = None
-        self.curve: Optional[tuple] = None
-        self.curve_in_flight = False
-
-    def want(self, angle: float) -> Optional[float]:
-        """Record the wanted angle; returns the angle to compute now, or None if busy."""
-        self.wanted = float(angle)
-        if self.in_flight is None:
-            self.in_flight = self.wanted
-            return self.in_flight
-        return None
-
-    def done(self, angle: float, result: Optional[dict]) -> Optional[float]:
-        """Store a result; returns the next angle to compute if the wish changed meanwhile."""
-        self.in_flight = None
-        if result is not None:
-            self.result, self.result_angle = result, float(angle)
-        if self.wanted is not None and self.wanted != angle and result is not None:
-            self.in_flight = self.wanted
-            return self.in_flight
-        return None
-
-    def clear_results(self) -> None:
-        self.result = self.result_angle = None
-        self.curve = None
+from workbench.panels.plotting import pg
 
 
 class EquivariancePanel(QWidget):
@@ -135,18 +101,16 @@ class EquivariancePanel(QWidget):
             self.curve_btn.setEnabled(False)
             self.curveRequested.emit()
 
-    def show_result(self, angle: float, result: Optional[dict]) -> None:
+    def show_result(self, angle: float, result) -> None:
+        """Draw a ``LoadedModel.equivariance`` result (None: nothing new to draw)."""
         nxt = self.model.done(angle, result)
         if result is not None:
+            images, err = probe_images(result)
             for key, item in self.items.items():
-                img = result.get(key)
+                img = images.get(key)
                 if img is None:
                     item.clear()
-                    continue
-                img = np.asarray(img, dtype=np.float32)
-                while img.ndim > 2:
-                    img = img[0]
-                if key == "difference":
+                elif key == "difference":
                     m = float(np.nanmax(np.abs(img))) if np.isfinite(img).any() else 1.0
                     item.setImage(img, autoLevels=False, levels=(-m or -1.0, m or 1.0))
                 else:
@@ -155,7 +119,6 @@ class EquivariancePanel(QWidget):
             if img0 is not None and img0.shape != self._shape:
                 self._shape = img0.shape
                 self.linker.reset()
-            err = float(result.get("error", float("nan")))
             self.error_label.setText(f"equivariance error at {angle:.0f}°: {err:.4g}"
                                      "   (‖T_g f(y) − f(A T_g f(y))‖ / ‖T_g f(y)‖)")
         if nxt is not None:

@@ -2,7 +2,8 @@
 
 The image views share pan/zoom and window/level (one histogram drives the
 baseline, DEQ and reference views); CT window presets map HU windows into the
-displayed [0, 1] range; a step slider looks back at earlier snapshots.
+displayed [0, 1] range; a step slider looks back at earlier snapshots. The data
+live in :mod:`workbench.panels.reconstructions_model`; this module draws them.
 """
 
 from __future__ import annotations
@@ -10,155 +11,14 @@ from __future__ import annotations
 from typing import Optional
 
 import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QSlider, QVBoxLayout, QWidget
 
 from workbench import backend
 from workbench.panels.linking import ViewLinker
-
-VIEWS = ("measurement", "baseline", "reconstruction", "reference", "difference")
-TITLES = {
-    "measurement": "Measurement y",
-    "baseline": "Baseline A\u2020y",
-    "reconstruction": "DEQ reconstruction",
-    "reference": "Ground truth",
-    "difference": "|DEQ \u2212 truth|",
-}
-LINKED_LEVELS = ("baseline", "reconstruction", "reference")
-MAX_SNAPSHOTS = 200
-FULL = "full range [0, 1]"
-AUTO = "auto (data range)"
-# [0, 1] display equivalents of the CT presets for data that is not in HU (phantoms, MR).
-UNIT_EQUIVALENTS = {
-    "soft tissue": (0.10, 0.60),
-    "bone": (0.30, 1.00),
-    "lung": (0.00, 0.35),
-    "brain": (0.15, 0.45),
-}
-COLORMAPS = ("grey", "viridis", "inferno", "magma", "plasma", "CET-L4")
-
-
-def _squeeze(arr) -> Optional[np.ndarray]:
-    """First image of a batch, as a float32 2D array (None stays None)."""
-    if arr is None:
-        return None
-    a = np.asarray(arr)
-    while a.ndim > 2:
-        a = a[0]
-    if np.iscomplexobj(a):
-        a = np.abs(a)
-    return a.astype(np.float32, copy=False)
-
-
-def snapshot_from_event(event) -> dict:
-    return {
-        "step": int(event.step),
-        "label": f"step {int(event.step)}",
-        "measurement": _squeeze(event.measurement),
-        "baseline": _squeeze(event.baseline),
-        "reconstruction": _squeeze(event.reconstruction),
-        "reference": _squeeze(event.reference),
-        "mask": _squeeze(event.mask),
-        "modality": str(event.modality),
-    }
-
-
-def snapshot_from_result(result: dict, label: str = "reconstruction") -> dict:
-    return {
-        "step": None,
-        "label": label,
-        "measurement": _squeeze(result.get("measurement")),
-        "baseline": _squeeze(result.get("baseline")),
-        "reconstruction": _squeeze(result.get("reconstruction")),
-        "reference": _squeeze(result.get("reference")),
-        "mask": _squeeze(result.get("mask")),
-        "modality": str(result.get("modality", "ct")),
-    }
-
-
-def difference(snap: dict) -> tuple[Optional[np.ndarray], str]:
-    """|reconstruction - reference| (or - baseline when there is no reference) for display."""
-    rec = snap.get("reconstruction")
-    if rec is None:
-        return None, TITLES["difference"]
-    ref = snap.get("reference")
-    if ref is not None and ref.shape == rec.shape:
-        return np.abs(rec - ref), "|DEQ \u2212 truth|"
-    base = snap.get("baseline")
-    if base is not None and base.shape == rec.shape:
-        return np.abs(rec - base), "|DEQ \u2212 baseline|"
-    return None, TITLES["difference"]
-
-
-def preset_levels(preset: str, hu_range: Optional[tuple] = None, windows: Optional[dict] = None):
-    """Display levels for a window preset.
-
-    ``hu_range`` = the (low, high) HU that the displayed [0, 1] corresponds to,
-    when the data came from a CT scan in HU; otherwise [0, 1] equivalents are used.
-    Returns None for auto levels.
-    """
-    if preset == AUTO:
-        return None
-    if preset == FULL:
-        return (0.0, 1.0)
-    windows = windows if windows is not None else backend.ct_windows()
-    if hu_range is not None and preset in windows and hu_range[1] > hu_range[0]:
-        lo, hi = windows[preset]
-        a, b = float(hu_range[0]), float(hu_range[1])
-        return ((lo - a) / (b - a), (hi - a) / (b - a))
-    return UNIT_EQUIVALENTS.get(preset, (0.0, 1.0))
-
-
-class ReconstructionsModel:
-    def __init__(self) -> None:
-        self.snapshots: list[dict] = []
-        self.index = -1
-        self.follow = True
-        self.version = 0
-        self._metrics: dict = {}
-
-    def clear(self) -> None:
-        self.__init__()
-
-    def add(self, snap: dict) -> None:
-        self.snapshots.append(snap)
-        if len(self.snapshots) > MAX_SNAPSHOTS:
-            del self.snapshots[1: 1 + len(self.snapshots) - MAX_SNAPSHOTS]  # keep the very first
-        if self.follow or self.index < 0:
-            self.index = len(self.snapshots) - 1
-        self.version += 1
-
-    def select(self, index: int) -> None:
-        if not self.snapshots:
-            return
-        index = min(max(0, int(index)), len(self.snapshots) - 1)
-        self.follow = index == len(self.snapshots) - 1
-        if index != self.index:
-            self.index = index
-            self.version += 1
-
-    def current(self) -> Optional[dict]:
-        if 0 <= self.index < len(self.snapshots):
-            return self.snapshots[self.index]
-        return None
-
-    def metrics(self, snap: dict) -> Optional[dict]:
-        """view -> (psnr, ssim) against the reference, or None while not computed."""
-        return self._metrics.get(id(snap))
-
-    def metrics_jobs(self, snap: dict) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        """(view, image, reference) pairs whose metrics the engine should compute."""
-        ref = snap.get("reference")
-        if ref is None:
-            return []
-        return [(v, snap[v], ref) for v in ("baseline", "reconstruction")
-                if snap.get(v) is not None and snap[v].shape == ref.shape]
-
-    def set_metrics(self, snap: dict, values: dict) -> None:
-        self._metrics[id(snap)] = values
-        if snap is self.current():
-            self.version += 1
+from workbench.panels.plotting import control_row, pg
+from workbench.panels.reconstructions_model import (AUTO, COLORMAPS, FULL, LINKED_LEVELS, TITLES, VIEWS,
+                                                     ReconstructionsModel, difference, preset_levels)
 
 
 class ReconstructionsPanel(QWidget):
@@ -196,13 +56,7 @@ class ReconstructionsPanel(QWidget):
         self.auto_btn = QPushButton("Auto levels")
         self.auto_btn.clicked.connect(lambda: self.apply_preset(AUTO))
 
-        top = QHBoxLayout()
-        top.addWidget(QLabel("Window:"))
-        top.addWidget(self.preset)
-        top.addWidget(QLabel("Colormap:"))
-        top.addWidget(self.cmap)
-        top.addWidget(self.auto_btn)
-        top.addStretch(1)
+        top = control_row("Window:", self.preset, "Colormap:", self.cmap, self.auto_btn)
         second = QHBoxLayout()
         second.addWidget(QLabel("Snapshot:"))
         second.addWidget(self.slider, 1)
@@ -248,13 +102,6 @@ class ReconstructionsPanel(QWidget):
         lay.addWidget(self.glw, 1)
         self.levels = (0.0, 1.0)
         self.apply_preset(FULL)
-
-    # -- inputs -----------------------------------------------------------------------
-    def add_snapshot(self, snap: dict) -> None:
-        self.model.add(snap)
-
-    def add_event(self, event) -> None:
-        self.model.add(snapshot_from_event(event))
 
     def clear(self) -> None:
         self.model.clear()
@@ -409,5 +256,4 @@ class ReconstructionsPanel(QWidget):
         return "<br>".join(lines)
 
     def current_image(self, view: str = "reconstruction") -> Optional[np.ndarray]:
-        snap = self.model.current()
-        return None if snap is None else snap.get(view)
+        return self.model.current_image(view)

@@ -1,51 +1,128 @@
-r"""Empirical Lipschitz / Jacobian estimates of a map ``fn: Tensor -> Tensor``.
+r"""Generic linear algebra of the engine: power iteration, operator norms, Jacobian norms and spectral radii.
 
-All functions linearise ``fn`` at a point ``x`` of shape ``[B, ...]`` and
-treat every sample ``b`` on its own (``fn`` must not mix samples, which
-holds for convolutional networks with GroupNorm or no norm, not for
-BatchNorm in training mode):
+Everything here works on an abstract linear map or on the linearisation of a map
+``fn: Tensor -> Tensor``; the modules that own an operator call it with theirs
+(:mod:`engine.physics` the CT/MRI forward operator, :mod:`engine.data_fidelity`
+the ramp-weighted normal operator, :mod:`engine.denoisers` one convolution,
+:mod:`engine.regularisers` and :mod:`engine.deq` the DEQ's fixed-point map).
 
-* :func:`jacobian_spectral_norm` -- ``||J_b||_2 = sqrt(lambda_max(J_b^T J_b))``,
-  the local Lipschitz constant of ``fn`` at ``x_b``;
-* :func:`jacobian_spectral_radius` -- ``rho(J_b) = max |lambda(J_b)|``, which
-  decides the local convergence of the fixed-point iteration ``x <- fn(x)``
-  (``rho < 1``), whereas the norm decides contraction (``||J|| < 1``);
-* :func:`lipschitz_estimate` -- the largest Jacobian norm found at ``x`` and a
-  few nearby points, plus secant ratios ``||fn(x)-fn(y)|| / ||x-y||``.
+Plain power iteration (:func:`power_iteration`, :func:`largest_eigenvalue`, :func:`operator_norm`)
+    For a symmetric positive semi-definite ``M`` (a normal operator ``A^T A``)
+    and a unit start ``v_0``,
 
-Method: power iteration, accelerated by a small restarted Krylov projection.
-From the current vector ``v`` a Krylov basis
-``Q = orth(v, Mv, ..., M^{m-1} v)`` is built (``M = J^T J``, or ``J``) with
-double Gram-Schmidt, the projected matrix ``H = Q^T M Q`` is ``m x m``, and its
-dominant Ritz value is the estimate; the next cycle restarts from the dominant
-Ritz vector. This is Lanczos (symmetric ``M``) / Arnoldi (``M = J``) with
-explicit restarts: it contains plain power iteration (the power iterate lies in
-span(Q)), converges much faster when the top singular values are clustered,
-and, unlike plain power iteration on ``J``, finds a dominant *complex* pair of
-eigenvalues.
+    .. math::  z_k = M v_{k-1}, \qquad v_k = z_k / \|z_k\|, \qquad \lambda_k = \|z_k\|,
 
-For ``M = J^T J`` every Ritz value lies below ``lambda_max``, so the
-returned norm is a lower bound of ``||J_b||`` (up to rounding) that
-increases towards it. Products use ``torch.func``: ``J v`` by forward mode
-(``jvp``), ``J^T w`` by reverse mode (``vjp``, one forward pass reused); if a
-part of ``fn`` has no forward-mode rule, ``J v`` falls back to the transpose of
-the VJP (double backward). Nothing here accumulates ``.grad`` on parameters
-or changes a module's train/eval mode.
+    ``lambda_k -> lambda_max(M)`` from below (for a start not orthogonal to the
+    top eigenvector), linearly at the rate ``(lambda_2 / lambda_1)^2``; then
+    ``||A||_2 = sqrt(lambda_max(A^T A))``. Used where a fixed, seeded iteration
+    count makes the result reproducible bit for bit (operator normalisation,
+    step sizes, spectral normalisation of convolutions).
+
+Jacobians of a map (:func:`jacobian_spectral_norm`, :func:`jacobian_spectral_radius`,
+:func:`lipschitz_estimate`, :func:`differentiable_jacobian_norm`)
+    All linearise ``fn`` at a point ``x`` of shape ``[B, ...]`` and treat every
+    sample ``b`` on its own (``fn`` must not mix samples, which holds for
+    convolutional networks with GroupNorm or no norm, not for BatchNorm in
+    training mode):
+
+    * ``||J_b||_2 = sqrt(lambda_max(J_b^T J_b))``, the local Lipschitz constant of
+      ``fn`` at ``x_b``;
+    * ``rho(J_b) = max |lambda(J_b)|``, which decides the local convergence of the
+      fixed-point iteration ``x <- fn(x)`` (``rho < 1``), whereas the norm decides
+      contraction (``||J|| < 1``);
+    * the largest Jacobian norm found at ``x`` and a few nearby points, plus
+      secant ratios ``||fn(x)-fn(y)|| / ||x-y||``.
+
+    Method: power iteration, accelerated by a small restarted Krylov projection
+    (:func:`krylov_dominant_eigenvalue`). From the current vector ``v`` a Krylov
+    basis ``Q = orth(v, Mv, ..., M^{m-1} v)`` is built (``M = J^T J``, or ``J``)
+    with double Gram-Schmidt, the projected matrix ``H = Q^T M Q`` is ``m x m``,
+    and its dominant Ritz value is the estimate; the next cycle restarts from the
+    dominant Ritz vector. This is Lanczos (symmetric ``M``) / Arnoldi (``M = J``)
+    with explicit restarts: it contains plain power iteration (the power iterate
+    lies in span(Q)), converges much faster when the top singular values are
+    clustered, and, unlike plain power iteration on ``J``, finds a dominant
+    *complex* pair of eigenvalues.
+
+    For ``M = J^T J`` every Ritz value lies below ``lambda_max``, so the
+    returned norm is a lower bound of ``||J_b||`` (up to rounding) that
+    increases towards it. Products use ``torch.func`` (:class:`Linearization`):
+    ``J v`` by forward mode (``jvp``), ``J^T w`` by reverse mode (``vjp``, one
+    forward pass reused); if a part of ``fn`` has no forward-mode rule, ``J v``
+    falls back to the transpose of the VJP (double backward). Nothing here
+    accumulates ``.grad`` on parameters or changes a module's train/eval mode,
+    except :func:`differentiable_jacobian_norm`, whose result carries a graph.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, Optional
 
 import torch
 
-__all__ = ["jacobian_spectral_norm", "jacobian_spectral_radius", "lipschitz_estimate"]
+__all__ = [
+    "KRYLOV_DIM",
+    "Linearization",
+    "TensorMap",
+    "differentiable_jacobian_norm",
+    "jacobian_spectral_norm",
+    "jacobian_spectral_radius",
+    "krylov_dominant_eigenvalue",
+    "largest_eigenvalue",
+    "lipschitz_estimate",
+    "operator_norm",
+    "power_iteration",
+]
 
 TensorMap = Callable[[torch.Tensor], torch.Tensor]
 
 #: Default Krylov subspace size per restart cycle.
 KRYLOV_DIM = 8
+
+
+# ---------------------------------------------------------------------------------------
+# Plain power iteration on a symmetric positive semi-definite map
+# ---------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def power_iteration(normal_operator: TensorMap, v: torch.Tensor, iters: int,
+                    eps: float = 1e-30) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    r"""``iters`` power iterations ``z = M v, v <- z / max(||z||, eps)`` from ``v`` (not normalised here).
+
+    ``M = normal_operator`` must be symmetric positive semi-definite (``A^T A``),
+    and ``v`` one vector of any shape (its norm is taken over all entries).
+    Returns the last iterate ``v_k`` (``v`` itself when ``iters = 0``) and
+    ``||z_k|| = ||M v_{k-1}||`` as a 0-dim tensor, the estimate of
+    ``lambda_max(M)`` (None when ``iters = 0``). Warm starts (a stored
+    ``v`` advanced a few iterations at a time) are why the start is not
+    normalised here.
+    """
+    value = None
+    for _ in range(iters):
+        z = normal_operator(v)
+        value = z.norm()
+        v = z / value.clamp_min(eps)
+    return v, value
+
+
+def largest_eigenvalue(normal_operator: TensorMap, start: torch.Tensor, iters: int) -> float:
+    """``lambda_max`` of a symmetric positive semi-definite map by ``iters`` power iterations from ``start``.
+
+    ``start`` is normalised first; 0.0 for ``iters = 0``. See :func:`power_iteration`.
+    """
+    _, value = power_iteration(normal_operator, start / start.norm(), iters)
+    return 0.0 if value is None else float(value)
+
+
+def operator_norm(forward: TensorMap, adjoint: TensorMap, start: torch.Tensor, iters: int) -> float:
+    r"""``||A||_2 = sqrt(lambda_max(A^T A))`` by ``iters`` power iterations on ``A^T A`` from ``start``.
+
+    ``forward`` is ``A`` and ``adjoint`` its exact transpose ``A^T``; a lower
+    bound that converges from below.
+    """
+    return math.sqrt(largest_eigenvalue(lambda x: adjoint(forward(x)), start, iters))
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,7 +175,7 @@ def _load_forward_ad_quietly() -> None:
         _forward_ad_ready = True
 
 
-class _Linearization:
+class Linearization:
     """``J v`` and ``J^T w`` of ``fn`` at a fixed ``x`` (no parameter gradients)."""
 
     def __init__(self, fn: TensorMap, x: torch.Tensor):
@@ -146,7 +223,7 @@ def _dominant_ritz(H: torch.Tensor, symmetric: bool):
     return value, coeff, last
 
 
-def _krylov_dominant_eigenvalue(matvec: TensorMap, v0: torch.Tensor, max_matvecs: int, tol: float,
+def krylov_dominant_eigenvalue(matvec: TensorMap, v0: torch.Tensor, max_matvecs: int, tol: float,
                                 krylov_dim: int, symmetric: bool, return_vector: bool = False):
     """Estimate ``max |lambda(M_b)|`` for each sample ``b`` of a block-diagonal operator ``M``.
 
@@ -233,8 +310,8 @@ def jacobian_spectral_norm(fn: TensorMap, x: torch.Tensor, iters: int = 50, tol:
     """
     x = _check_point(x)
     with torch.no_grad():
-        lin = _Linearization(fn, x)
-        eig = _krylov_dominant_eigenvalue(lambda v: lin.vjp(lin.jvp(v)), _random_like(x, generator),
+        lin = Linearization(fn, x)
+        eig = krylov_dominant_eigenvalue(lambda v: lin.vjp(lin.jvp(v)), _random_like(x, generator),
                                           iters, tol, krylov_dim, symmetric=True)
     return _result(eig.clamp_min(0).sqrt(), per_sample)
 
@@ -256,10 +333,10 @@ def jacobian_spectral_radius(fn: TensorMap, x: torch.Tensor, iters: int = 100, t
     """
     x = _check_point(x)
     with torch.no_grad():
-        lin = _Linearization(fn, x)
+        lin = Linearization(fn, x)
         if lin.y.shape != x.shape:
             raise ValueError(f"the spectral radius needs fn to keep the shape: {list(x.shape)} -> {list(lin.y.shape)}")
-        radius = _krylov_dominant_eigenvalue(lin.jvp, _random_like(x, generator), iters, tol,
+        radius = krylov_dominant_eigenvalue(lin.jvp, _random_like(x, generator), iters, tol,
                                              krylov_dim, symmetric=False)
     return _result(radius, per_sample)
 
@@ -298,3 +375,38 @@ def lipschitz_estimate(fn: TensorMap, x: torch.Tensor, iters: int = 50, n_restar
             secant = _norm(fn(point) - fx) / torch.where(step > 0, step, torch.ones_like(step))
             best = max(best, float(secant.max()))
     return best
+
+
+def differentiable_jacobian_norm(fn: TensorMap, x: torch.Tensor, iters: int = 8, tol: float = 1e-3,
+                                 generator: Optional[torch.Generator] = None,
+                                 krylov_dim: int = KRYLOV_DIM) -> torch.Tensor:
+    r"""``||J_fn(x_b)||_2`` per sample ``[B]``, differentiable with respect to ``fn``'s parameters.
+
+    The top singular pair ``(u, v)`` of ``J`` is found *without* a graph
+    (restarted Lanczos on ``J^T J``, as in :func:`jacobian_spectral_norm`); then
+
+    .. math::   \sigma(\theta) = \|J_{f_\theta}(x)^\top u\|_2, \qquad u = Jv / \|Jv\|,
+
+    is evaluated with one vector-Jacobian product under ``create_graph=True``.
+    For an exact singular pair ``sigma = sigma_max`` and
+    ``d sigma / d theta = u^T (dJ/d theta) v``, the derivative of ``sigma_max``
+    itself (singular values are differentiable where simple), so only this one
+    product needs a graph. ``deepinv.loss.JacobianSpectralNorm`` computes the
+    same value but keeps the graph of *every* power iteration
+    (``eval_mode=False``), ``iters`` times the memory and the double-backward cost.
+
+    ``iters`` caps the ``J^T J`` products of the search for the top singular
+    pair (each one JVP and one VJP, no graph); the returned value then costs
+    one forward pass and one VJP with a graph. It is a lower bound of the norm
+    that is exact once the singular vectors have converged. ``x`` gets no gradient.
+    """
+    x = x.detach()
+    with torch.no_grad():
+        lin = Linearization(fn, x)
+        _, v = krylov_dominant_eigenvalue(lambda w: lin.vjp(lin.jvp(w)), _random_like(x, generator), iters, tol,
+                                          krylov_dim, symmetric=True, return_vector=True)
+        u = _normalize(lin.jvp(v))
+    with torch.enable_grad():
+        point = x.clone().requires_grad_(True)
+        (jtu,) = torch.autograd.grad(fn(point), point, u, create_graph=True)
+    return _norm(jtu)

@@ -1,0 +1,85 @@
+"""What the workbench keeps between sessions, and how it is read back.
+
+Kept: the window geometry and dock layout (opaque values the window gets from
+and gives back to Qt), the recent files, the last config (JSON) and the last
+folder a file dialog used. The store is anything with QSettings' ``value`` /
+``setValue`` / ``sync``: the window passes its QSettings, tests a dict.
+Unreadable values (another version, a hand-edited file) are skipped and the
+defaults stay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Protocol
+
+from engine.config import ExperimentConfig
+from engine.errors import EquiDEQError
+from workbench.state import WorkbenchState
+
+GEOMETRY_KEY = "window/geometry"
+DOCK_LAYOUT_KEY = "window/state"
+RECENT_KEY = "recent"
+CONFIG_KEY = "config/last"
+LAST_DIR_KEY = "paths/last_dir"
+
+
+class SettingsStore(Protocol):
+    def value(self, key: str, defaultValue: Any = None) -> Any: ...
+    def setValue(self, key: str, value: Any) -> None: ...
+    def sync(self) -> None: ...
+
+
+@dataclass
+class WindowLayout:
+    """The window's geometry and dock layout, as Qt saves them (bytes-like; None when not saved)."""
+
+    geometry: Any = None
+    docks: Any = None
+
+
+class SettingsPresenter:
+    def __init__(self, store: SettingsStore, state: WorkbenchState,
+                 working_dir: Callable[[], str] = os.getcwd) -> None:
+        self.store, self.state = store, state
+        self.working_dir = working_dir
+
+    def restore(self, restore_config: bool = True) -> Optional[ExperimentConfig]:
+        """Read the recent files into the state; return the last session's config to use, if any.
+
+        A config whose data files have gone falls back to the built-in phantoms.
+        """
+        try:
+            self.state.recent_from_list(json.loads(self.store.value(RECENT_KEY, "[]") or "[]"))
+        except (TypeError, ValueError):
+            pass
+        text = self.store.value(CONFIG_KEY, "") if restore_config else ""
+        if not text:
+            return None
+        try:
+            config = ExperimentConfig.from_dict(json.loads(text))
+            if config.data.source == "files" and not all(os.path.exists(p) for p in config.data.paths or []):
+                config = config.replace(**{"data.source": "phantom", "data.paths": []})
+            return config
+        except (ValueError, TypeError, EquiDEQError):
+            return None  # settings from another version: keep the default
+
+    def window_layout(self) -> WindowLayout:
+        return WindowLayout(self.store.value(GEOMETRY_KEY), self.store.value(DOCK_LAYOUT_KEY))
+
+    def save(self, layout: WindowLayout) -> None:
+        self.store.setValue(GEOMETRY_KEY, layout.geometry)
+        self.store.setValue(DOCK_LAYOUT_KEY, layout.docks)
+        self.store.setValue(RECENT_KEY, json.dumps(self.state.recent_as_list()))
+        self.store.setValue(CONFIG_KEY, json.dumps(self.state.config.to_dict()))
+        self.store.sync()
+
+    def last_dir(self) -> str:
+        """Where the next file dialog starts: the folder last used, else the working directory."""
+        return str(self.store.value(LAST_DIR_KEY, self.working_dir()) or self.working_dir())
+
+    def remember_dir(self, path: str) -> None:
+        folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+        self.store.setValue(LAST_DIR_KEY, folder)
