@@ -175,6 +175,14 @@ class RunConfig:
 
 
 @dataclass
+class InspectConfig:
+    record: bool = _f(True, doc="record every training solve (bounded iterates, residual maps) for the Solver "
+                                "Inspector")
+    frames: int = _f(24, min=2, max=1000, doc="iterates kept per recorded solve (every k-th; k doubles when full)")
+    keep_steps: int = _f(4, min=1, max=100, doc="recent steps whose recordings are kept (failed steps included)")
+
+
+@dataclass
 class ExperimentConfig:
     physics: PhysicsConfig = field(default_factory=PhysicsConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -186,6 +194,7 @@ class ExperimentConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    inspect: InspectConfig = field(default_factory=InspectConfig)
 
     # -- conversion -----------------------------------------------------------------
     def to_dict(self) -> dict:

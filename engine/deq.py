@@ -153,6 +153,9 @@ class DEQReconstructor(nn.Module):
         self.on_fixed_point = on_fixed_point
         self.last_forward_stats: Optional[SolveStats] = None
         self.last_backward_stats: Optional[SolveStats] = None
+        #: ``direction -> SolveRecorder`` (engine.diagnostics) to record every solve into its
+        #: ``SolveStats.recording`` (the trainer sets it; None records nothing)
+        self.recorder_factory: Optional[Callable[[str], object]] = None
 
     @property
     def denoiser(self) -> nn.Module:
@@ -191,7 +194,12 @@ class DEQReconstructor(nn.Module):
         with torch.no_grad():
             y_const = y.detach()
             x0 = self.initial(y_const, physics) if x_init is None else x_init.detach()
-            x_star, stats = solve(self.fixed_point_map(y_const, physics), x0, self.forward_solver, self.control)
+            recorder = self.recorder_factory("forward") if self.recorder_factory is not None else None
+            x_star, stats = solve(self.fixed_point_map(y_const, physics), x0, self.forward_solver, self.control,
+                                  recorder=recorder)
+            if recorder is not None:
+                stats.recording = recorder.finish(stats, self.forward_solver,
+                                                  replay={"y": y_const, "x0": x0, "x_final": x_star})
         self._report("forward", stats)
         if self.on_fixed_point is not None:
             self.on_fixed_point(y_const, x_star)
@@ -206,10 +214,10 @@ class DEQReconstructor(nn.Module):
         x_leaf = x_star.detach().requires_grad_(self.gradient == "implicit")
         z = self.operator(x_leaf, y, physics)
         if self.gradient == "implicit" and z.requires_grad:
-            z.register_hook(self._adjoint_hook(z, x_leaf))
+            z.register_hook(self._adjoint_hook(z, x_leaf, y))
         return z
 
-    def _adjoint_hook(self, z: torch.Tensor, x_leaf: torch.Tensor):
+    def _adjoint_hook(self, z: torch.Tensor, x_leaf: torch.Tensor, y: torch.Tensor):
         # The VJPs inside the hook start at z, which fires z's own hook again;
         # those inner calls must pass the gradient through untouched.
         inside = [False]
@@ -223,10 +231,14 @@ class DEQReconstructor(nn.Module):
                 return vjp + grad
 
             inside[0] = True
+            recorder = self.recorder_factory("backward") if self.recorder_factory is not None else None
             try:
-                g, stats = solve(adjoint_map, grad, self.backward_solver, self.control)
+                g, stats = solve(adjoint_map, grad, self.backward_solver, self.control, recorder=recorder)
             finally:
                 inside[0] = False
+            if recorder is not None:
+                stats.recording = recorder.finish(stats, self.backward_solver, replay={
+                    "y": y.detach(), "x_star": x_leaf.detach(), "rhs": grad.detach()})
             self._report("backward", stats)
             return g
 

@@ -143,6 +143,25 @@ class RunFinished(Event):
 
 
 @dataclass
+class SolveAlarm(Event):
+    """A training step was not applied because a solve failed (diverged / non-finite).
+
+    ``direction`` and ``tag`` name the solve as :class:`SolveFinished` does,
+    ``sample`` the first failed sample; ``paused`` is True when the run paused
+    itself (:attr:`RunControl.pause_on_divergence`) so the solve can be inspected
+    (the step's recordings: :meth:`engine.trainer.Trainer.recordings_of`).
+    """
+
+    step: int
+    direction: str
+    tag: str
+    sample: int
+    stop_reason: str
+    message: str
+    paused: bool = False
+
+
+@dataclass
 class RunFailed(Event):
     message: str
     step: int = 0
@@ -192,6 +211,9 @@ class RunControl:
     """
 
     def __init__(self) -> None:
+        #: pause the run when a step fails on a diverged solve (set by whoever can inspect it: the GUI).
+        #: A plain bool: assignment is atomic, and the trainer reads it between steps.
+        self.pause_on_divergence = False
         self._resume = threading.Event()
         self._resume.set()
         self._stop = threading.Event()

@@ -35,6 +35,8 @@ import json
 import math
 import os
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -47,17 +49,19 @@ from engine.checkpoint import (Checkpoint, capture_rng_state, check_compatible, 
                                publish_latest, remove_stale_temp_files, save_checkpoint)
 from engine.config import ExperimentConfig, save_config
 from engine.data import load_training_images
-from engine.measured import load_measurement_data, measurement_physics
+from engine.diagnostics.recording import SolveRecorder
 from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
-                           RunStarted, Snapshot, StabilityChecked, StepFinished, ValidationFinished)
-from engine.losses import TrainingLoss
+                           RunStarted, Snapshot, SolveAlarm, StabilityChecked, StepFinished, ValidationFinished)
 from engine.evaluation import Problem, reconstruction_of, score, solve
+from engine.losses import TrainingLoss
+from engine.measured import load_measurement_data, measurement_physics
 from engine.metrics import equivariance_error
 from engine.model import build_model, resolve_device
 from engine.outputs import METRICS_FILE, claim_run_dir, truncate_metrics
 from engine.physics import baseline, build_physics, describe, to_model_space
 from engine.regularisers import JacobianSpectralPenalty
+from engine.solver_names import FAILURE_REASONS
 from engine.solvers import SolveStats
 
 MAX_FAILED_STEPS = 3
@@ -113,7 +117,28 @@ class TrainingSet:
 
 
 class StepFailed(Exception):
-    """A step that must not be applied (divergence, non-finite values)."""
+    """A step that must not be applied (divergence, non-finite values).
+
+    When a solve failed, ``direction``, ``tag``, ``sample`` and ``stop_reason`` name it
+    (as :class:`~engine.events.SolveFinished` does); otherwise ``direction`` is None.
+    """
+
+    def __init__(self, message: str, direction: Optional[str] = None, tag: str = "", sample: int = 0,
+                 stop_reason: str = ""):
+        super().__init__(message)
+        self.direction, self.tag, self.sample, self.stop_reason = direction, tag, sample, stop_reason
+
+
+@dataclass
+class StepRecordings:
+    """The recorded solves of one training step (``engine.diagnostics.SolveRecording``, in call order)
+    and the weights they ran with (CPU copies: a replay needs them after the weights have moved on)."""
+
+    step: int
+    recordings: list
+    weights: dict
+    failed: bool = False
+    message: str = ""
 
 
 class Trainer:
@@ -161,6 +186,8 @@ class Trainer:
         self.history: list[dict] = []
         self.last_validation: dict = {}
         self._pending_solves: list[tuple[str, SolveStats]] = []
+        #: the last ``inspect.keep_steps`` steps' recorded solves (read through between_steps / recordings_of)
+        self._recordings: OrderedDict[int, StepRecordings] = OrderedDict()
         self._failed_in_a_row = 0
         self.last_checkpoint: Optional[Path] = None
         if resume_from is not None:
@@ -257,6 +284,7 @@ class Trainer:
                         break
                     self._failed_in_a_row += 1
                     self._log("error", f"step {self.step + 1} not applied: {failure}")
+                    self._alarm(failure)
                     if self._failed_in_a_row >= MAX_FAILED_STEPS:
                         kept = f"; last good checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
                         message = f"stopped after {MAX_FAILED_STEPS} failed steps in a row: {failure}{kept}"
@@ -315,6 +343,11 @@ class Trainer:
         self._pending_solves.clear()
         self._fixed_points.clear()
         stability: dict = {}
+        solves: list = []
+        recording = cfg.inspect.record
+        if recording:  # the weights these solves run with, for replays after they have moved on
+            step_weights = self.weights_copy()
+            self.model.recorder_factory = self._new_recorder
         try:
             loss = self.loss(self.model, y, self.physics, x)
             # the first model call's measurements and fixed points: the batch's own reconstructions
@@ -326,19 +359,27 @@ class Trainer:
             loss.total.backward()
             solves, self._pending_solves = self._pending_solves, []
             self._emit_solves(solves, next_step)
-            for direction, stats in solves:
+            for i, (direction, stats) in enumerate(solves):
                 if stats.failed:
+                    sample, reason = next((b, r) for b, r in enumerate(stats.stop_reasons) if r in FAILURE_REASONS)
                     raise StepFailed(f"{direction} solve {', '.join(sorted(set(stats.stop_reasons)))} "
-                                     f"({stats.summary()})")
+                                     f"({stats.summary()})", direction, f"call {i}", sample, reason)
             if self.control.stopped:
                 raise StepFailed("stopped by the user during the step")
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
             if not math.isfinite(grad_norm):
                 raise StepFailed("gradient is not finite")
-        except StepFailed:
+        except StepFailed as failure:
             self.optimizer.zero_grad(set_to_none=True)
+            if recording:  # the failed step's solves (those before a non-finite loss too)
+                solves = solves or self._pending_solves
+                self._keep_recordings(next_step, solves, step_weights, failed=True, message=str(failure))
             raise
+        finally:
+            self.model.recorder_factory = None
+        if recording:
+            self._keep_recordings(next_step, solves, step_weights)
         monitor = cfg.jacobian.monitor_every
         rolled_back = False
         if monitor and next_step % monitor == 0 and x_fp is not None:
@@ -412,6 +453,43 @@ class Trainer:
         self.observers.emit(StabilityChecked(step=step, spectral_radius=radius, limit=jac.radius_limit,
                                              penalty_weight=self.penalty.weight, action=action, message=message))
         return {"spectral_radius": radius, "safeguard": action}
+
+    # -- recorded solves (the Solver Inspector's data) -------------------------------------------
+    def _new_recorder(self, direction: str) -> SolveRecorder:
+        return SolveRecorder(direction, max_frames=self.config.inspect.frames)
+
+    def _keep_recordings(self, step: int, solves, weights: dict, failed: bool = False, message: str = "") -> None:
+        recordings = []
+        for i, (_, stats) in enumerate(solves):
+            if stats.recording is not None:
+                stats.recording.step, stats.recording.tag = step, f"call {i}"
+                recordings.append(stats.recording)
+        self._recordings[step] = StepRecordings(step, recordings, weights, failed, message)
+        while len(self._recordings) > self.config.inspect.keep_steps:
+            self._recordings.popitem(last=False)
+
+    def recorded_steps(self) -> list[int]:
+        """Steps whose solves are kept (oldest first); call between steps (:meth:`between_steps`)."""
+        return list(self._recordings)
+
+    def recordings_of(self, step: Optional[int] = None) -> Optional[StepRecordings]:
+        """The recorded solves of ``step`` (default: the newest kept step), or None."""
+        if not self._recordings:
+            return None
+        return self._recordings.get(step) if step is not None else next(reversed(self._recordings.values()))
+
+    def _alarm(self, failure: StepFailed) -> None:
+        """A step failed on a solve: say so, and pause when asked to (``control.pause_on_divergence``)."""
+        if failure.direction is None:
+            return
+        paused = bool(self.control.pause_on_divergence) and not self.control.stopped
+        if paused:
+            self.control.pause()
+            self._log("warning", f"paused at step {self.step + 1}: the {failure.direction} solve ({failure.tag}) "
+                                 f"{failure.stop_reason.replace('_', ' ')}; inspect it, then resume or stop")
+        self.observers.emit(SolveAlarm(step=self.step + 1, direction=failure.direction, tag=failure.tag,
+                                       sample=failure.sample, stop_reason=failure.stop_reason,
+                                       message=str(failure), paused=paused))
 
     def _emit_solves(self, solves, step: int) -> None:
         if not self.observers.active:

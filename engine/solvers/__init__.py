@@ -40,11 +40,15 @@ def get_solver(name: str) -> Solver:
 
 
 def solve(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig,
-          control: Optional[RunControl] = None) -> tuple[torch.Tensor, SolveStats]:
-    """Solve ``x = f(x)`` per sample with ``options.name``; fall back on failed samples."""
+          control: Optional[RunControl] = None, recorder=None) -> tuple[torch.Tensor, SolveStats]:
+    """Solve ``x = f(x)`` per sample with ``options.name``; fall back on failed samples.
+
+    ``recorder`` (an :class:`engine.diagnostics.SolveRecorder`) sees every iteration of
+    both solvers, told where the fallback took over.
+    """
     solver = get_solver(options.name)
     with torch.no_grad():
-        x, stats = solver(f, x0, options, control)
+        x, stats = solver(f, x0, options, control, recorder=recorder)
         failed = torch.tensor([r in FAILURE_REASONS for r in stats.stop_reasons], device=x.device)
         finite_start = torch.isfinite(x.flatten(1)).all(1)
         retry = failed & finite_start
@@ -52,7 +56,10 @@ def solve(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig,
             fallback_options = dataclasses.replace(options, name=options.fallback, damping=FALLBACK_DAMPING,
                                                    fallback="")
             used = stats.f_evals
-            x_fb, fb_stats = get_solver(options.fallback)(f, x, fallback_options, control, active=retry)
+            if recorder is not None:
+                recorder.mark_fallback(options.fallback)
+            x_fb, fb_stats = get_solver(options.fallback)(f, x, fallback_options, control, active=retry,
+                                                          recorder=recorder)
             stats.fallback = options.fallback
             stats.f_evals = used + fb_stats.f_evals
             stats.seconds += fb_stats.seconds

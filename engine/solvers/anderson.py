@@ -68,6 +68,11 @@ def anderson(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig, tracker:
         weights = torch.linalg.solve(system, vmask.unsqueeze(-1)).squeeze(-1) * vmask
         weights = weights / weights.sum(1, keepdim=True)
         bad = ~torch.isfinite(weights).all(1)
+        if tracker.recorder is not None:  # conditioning of the valid block (empty slots at the block's scale)
+            block = system - eye * (1 - vmask)[:, None, :] + scale[:, None, None] * eye * (1 - vmask)[:, None, :]
+            condition = torch.linalg.cond(block.double())
+            tracker.recorder.observe_conditioning(torch.where(bad, torch.full_like(condition, float("inf")),
+                                                              condition))
         if bool(bad.any()):  # singular history: fall back to the newest pair
             fallback_w = torch.zeros_like(weights)
             fallback_w[:, slot] = 1.0

@@ -64,10 +64,10 @@ def register_solver(name: str) -> Callable[[Callable], Solver]:
     def decorate(body: Callable) -> Solver:
         @functools.wraps(body)
         def solver(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig, control: Optional[RunControl] = None,
-                   active: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, SolveStats]:
+                   active: Optional[torch.Tensor] = None, recorder=None) -> tuple[torch.Tensor, SolveStats]:
             started = time.perf_counter()
             stats = SolveStats(solver=name, tolerance=options.tol, tolerance_mode=options.stop_mode)
-            tracker = Tracker(x0, options, stats, control, active)
+            tracker = Tracker(x0, options, stats, control, active, recorder)
             body(f, x0, options, tracker)
             return tracker.finish(started), stats
 
@@ -81,12 +81,15 @@ class Tracker:
     """Per-sample bookkeeping: residuals, traces, stop reasons, best iterate."""
 
     def __init__(self, x0: torch.Tensor, options: SolverConfig, stats: SolveStats,
-                 control: Optional[RunControl], active: Optional[torch.Tensor] = None):
+                 control: Optional[RunControl], active: Optional[torch.Tensor] = None, recorder=None):
         batch = x0.shape[0]
         device = x0.device
         self.options = options
         self.stats = stats
         self.control = control
+        #: an optional engine.diagnostics.SolveRecorder: sees every (x_k, F(x_k)) and, for Anderson,
+        #: the conditioning of its least-squares system (the Solver Inspector's data)
+        self.recorder = recorder
         self.active = torch.ones(batch, dtype=torch.bool, device=device) if active is None else active.clone()
         self.best_x = x0.detach().clone()
         self.best_residual = torch.full((batch,), float("inf"), device=device, dtype=torch.float64)
@@ -109,6 +112,8 @@ class Tracker:
         abs_res = torch.linalg.vector_norm(diff, dim=1).double()
         rel_res = abs_res / (torch.linalg.vector_norm(fx.flatten(1), dim=1).double() + 1e-12)
         nan = torch.full_like(abs_res, float("nan"))
+        if self.recorder is not None:
+            self.recorder.observe(x, fx, self.active)
         self.stats.abs_residuals.append(torch.where(self.active, abs_res, nan))
         self.stats.rel_residuals.append(torch.where(self.active, rel_res, nan))
         monitored = rel_res if self.options.stop_mode == "rel" else abs_res

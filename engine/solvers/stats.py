@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -31,6 +31,8 @@ class SolveStats:
         f_evals: calls of the (batched) map.
         seconds: wall time.
         fallback: name of the solver that took over diverged samples, if any.
+        recording: the solve's :class:`engine.diagnostics.SolveRecording` when it was
+            recorded (iterates, residual maps; the Solver Inspector's data), else None.
     """
 
     solver: str
@@ -43,6 +45,7 @@ class SolveStats:
     f_evals: int = 0
     seconds: float = 0.0
     fallback: Optional[str] = None
+    recording: Any = field(default=None, repr=False)
 
     # -- summaries ---------------------------------------------------------------------
     @property
