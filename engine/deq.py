@@ -199,7 +199,8 @@ class DEQReconstructor(nn.Module):
                                   recorder=recorder)
             if recorder is not None:
                 stats.recording = recorder.finish(stats, self.forward_solver,
-                                                  replay={"y": y_const, "x0": x0, "x_final": x_star})
+                                                  replay={"y": y_const, "x0": x0, "x_final": x_star,
+                                                          "physics": physics})
         self._report("forward", stats)
         if self.on_fixed_point is not None:
             self.on_fixed_point(y_const, x_star)
@@ -214,10 +215,10 @@ class DEQReconstructor(nn.Module):
         x_leaf = x_star.detach().requires_grad_(self.gradient == "implicit")
         z = self.operator(x_leaf, y, physics)
         if self.gradient == "implicit" and z.requires_grad:
-            z.register_hook(self._adjoint_hook(z, x_leaf, y))
+            z.register_hook(self._adjoint_hook(z, x_leaf, y, physics))
         return z
 
-    def _adjoint_hook(self, z: torch.Tensor, x_leaf: torch.Tensor, y: torch.Tensor):
+    def _adjoint_hook(self, z: torch.Tensor, x_leaf: torch.Tensor, y: torch.Tensor, physics):
         # The VJPs inside the hook start at z, which fires z's own hook again;
         # those inner calls must pass the gradient through untouched.
         inside = [False]
@@ -238,7 +239,7 @@ class DEQReconstructor(nn.Module):
                 inside[0] = False
             if recorder is not None:
                 stats.recording = recorder.finish(stats, self.backward_solver, replay={
-                    "y": y.detach(), "x_star": x_leaf.detach(), "rhs": grad.detach()})
+                    "y": y.detach(), "x_star": x_leaf.detach(), "rhs": grad.detach(), "physics": physics})
             self._report("backward", stats)
             return g
 

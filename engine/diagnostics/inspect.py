@@ -103,7 +103,7 @@ def record_forward(model, y: torch.Tensor, physics, options: Optional[SolverConf
     x0 = model.initial(y, physics) if x0 is None else x0.detach()
     recorder = SolveRecorder("forward", every=every, **({} if max_frames is None else {"max_frames": max_frames}))
     x, stats = solve(model.fixed_point_map(y, physics), x0, options, model.control, recorder=recorder)
-    rec = recorder.finish(stats, options, replay={"y": y, "x0": x0, "x_final": x})
+    rec = recorder.finish(stats, options, replay={"y": y, "x0": x0, "x_final": x, "physics": physics})
     rec.tag = tag
     return rec
 
@@ -113,6 +113,14 @@ def last_iterate(rec: SolveRecording, sample: int) -> Optional[torch.Tensor]:
     if rec.iterates.ndim != 5 or rec.iterates.shape[0] == 0:
         return None
     return torch.from_numpy(rec.iterates[-1, sample:sample + 1].copy())
+
+
+def _physics_of(physics, rec: SolveRecording):
+    """The physics given, else the one the recorded solve ran with."""
+    physics = physics if physics is not None else rec.replay.get("physics")
+    if physics is None:
+        raise ValueError("no physics given and the recording keeps none")
+    return physics
 
 
 def measure(model, physics, rec: SolveRecording, sample: int,
@@ -125,6 +133,7 @@ def measure(model, physics, rec: SolveRecording, sample: int,
     For an adjoint solve the point is the forward fixed point it was solved at:
     its map's Jacobian ``(dF/dx)^T`` has the same spectrum.
     """
+    physics = _physics_of(physics, rec)
     y = rec.replay.get("y")
     x = rec.replay.get("x_star" if rec.direction == "backward" else "x_final")
     if x is not None:
@@ -149,7 +158,11 @@ def measure(model, physics, rec: SolveRecording, sample: int,
 
 
 def replay(model, physics, rec: SolveRecording, changes: Optional[dict] = None, every: int = 1) -> SolveRecording:
-    """Solve the recorded problem again with ``changes`` to the solver settings (``{}``: as recorded)."""
+    """Solve the recorded problem again with ``changes`` to the solver settings (``{}``: as recorded).
+
+    ``physics`` None: the physics the recorded solve ran with.
+    """
+    physics = _physics_of(physics, rec)
     options = options_with(SolverConfig(**{k: v for k, v in rec.options.items()
                                             if k in {f.name for f in dataclasses.fields(SolverConfig)}}),
                            changes or {})
@@ -185,7 +198,7 @@ def _replay_backward(model, physics, rec: SolveRecording, options: SolverConfig,
 
 def inspect(model, physics, rec: SolveRecording, sample: Optional[int] = None, config: Any = None,
             training: bool = False, measure_jacobian: bool = True) -> Inspection:
-    """Measure and diagnose one sample of a recording (default: its worst)."""
+    """Measure and diagnose one sample of a recording (default: its worst); ``physics`` None: the recorded one."""
     sample = rec.worst_sample() if sample is None else int(sample)
     radius = lip = None
     if measure_jacobian:

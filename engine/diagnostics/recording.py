@@ -82,7 +82,9 @@ class SolveRecording:
     non_finite: Optional[NonFinite] = None
     step: Optional[int] = None  # training step, when recorded in training
     tag: str = ""  # which call of the step ("call 0", "reconstruct" ...)
-    replay: dict = field(default_factory=dict, repr=False)  # detached tensors: y, x0 / rhs; physics; weights
+    #: what a replay needs: detached tensors y and x0 / x_final (forward) or x_star and rhs (adjoint), and the
+    #: physics object the solve ran with (a reference, not a copy)
+    replay: dict = field(default_factory=dict, repr=False)
 
     @property
     def batch(self) -> int:
