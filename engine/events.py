@@ -33,7 +33,8 @@ class SolveFinished(Event):
     ``abs_residuals`` and ``rel_residuals`` have shape ``[iterations, batch]``;
     an entry is NaN once that sample has stopped. ``stop_reasons`` holds one of
     ``converged``, ``max_iterations``, ``diverged``, ``non_finite``, ``stopped``
-    per sample.
+    per sample. ``iterations`` counts the fallback solver's iterations too, so
+    with a ``fallback`` they may exceed ``max_iter``.
     """
 
     direction: str
@@ -49,6 +50,7 @@ class SolveFinished(Event):
     fallback: Optional[str] = None
     step: Optional[int] = None
     tag: str = ""
+    max_iter: Optional[int] = None  # the iteration cap the solve ran with (a fallback may add as many again)
 
 
 @dataclass

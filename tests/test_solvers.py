@@ -122,6 +122,9 @@ def test_fallback_takes_over_diverged_samples_and_is_logged():
     assert stats.fallback == "fixed_point"
     assert stats.converged
     assert torch.allclose(x, torch.full_like(x, 2.0), atol=1e-8)
+    # the cap travels with the statistics, so a display can say "N iterations (max 100)" after a fallback
+    assert stats.max_iter == 100 and stats.to_event("forward").max_iter == 100
+    assert stats.to_event("forward").fallback == "fixed_point"
 
 
 def test_stop_request_ends_solve_with_stopped_reason():

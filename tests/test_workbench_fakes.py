@@ -40,11 +40,22 @@ def snapshot_event(step: int, size: int = 16, modality: str = "ct") -> Snapshot:
                     reference=ref, mask=None, modality=modality)
 
 
-class FakeNetwork:
-    """Stands in for ``LoadedModel.model``: one weight, the gain of the reconstruction."""
+class FakeOperator:
+    """The fixed-point map's settings that ``engine.diagnostics.inspect.apply_settings`` changes."""
 
-    def __init__(self, gain: float = 0.9) -> None:
+    def __init__(self, stepsize: float, relaxation: float) -> None:
+        self.stepsize, self.relaxation = stepsize, relaxation
+
+
+class FakeNetwork:
+    """Stands in for ``LoadedModel.model``: one weight, the gain of the reconstruction, and the
+    solve settings of a DEQReconstructor (its solvers' options, its step)."""
+
+    def __init__(self, gain: float = 0.9, config: ExperimentConfig | None = None) -> None:
         self.gain = gain
+        config = config or ExperimentConfig()
+        self.forward_solver, self.backward_solver = config.solver, config.backward_solver
+        self.operator = FakeOperator(config.deq.stepsize, config.deq.relaxation)
 
     def load_state_dict(self, state: dict) -> None:
         self.gain = float(state["gain"])
@@ -56,7 +67,7 @@ class FakeNetwork:
 class FakeModel:
     def __init__(self, config: ExperimentConfig | None = None) -> None:
         self.config = config or ExperimentConfig().replace(**{"physics.img_size": 16})
-        self.model = FakeNetwork()
+        self.model = FakeNetwork(config=self.config)
 
     def reconstruct(self, images) -> Reconstruction:
         images = np.asarray(images, dtype=np.float32)
@@ -147,6 +158,22 @@ class FakeTrainer:
 
 
 # -- test windows -------------------------------------------------------------------------
+def assert_imports_no_qt(modules: list[str]) -> None:
+    """Import ``modules`` in a fresh interpreter and assert no PySide6 / pyqtgraph / shiboken6 came with them."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}:\n"
+            "    importlib.import_module(name)\n"
+            "qt = sorted(m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph', 'shiboken6')))\n"
+            "assert not qt, qt\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
 def open_window(qtbot, **kwargs):
     """A shown MainWindow whose error dialogs go to ``window.dialogs`` and whose questions get yes."""
     from workbench.main_window import MainWindow

@@ -263,3 +263,20 @@ def test_settings_refuse_invalid_values_at_the_field(qtbot):
     assert changed[-1].deq.gradient == "jfb"
     panel.set_text("loss.ei_weight", "0.5")
     assert changed[-1].loss.ei_weight == 0.5
+
+
+def test_residuals_problem_row_shows_a_fallback_and_the_cap(qtbot):
+    import dataclasses
+
+    from workbench.panels.residuals import ResidualsPanel
+
+    panel = ResidualsPanel()
+    qtbot.addWidget(panel)
+    rescued = dataclasses.replace(solve_event(4, "forward", iters=51, batch=1, reason="converged"),
+                                  fallback="fixed_point", max_iter=40)
+    panel.model.add(rescued)
+    panel.refresh()
+    assert panel.table.rowCount() == 1  # converged, but only after the configured solver failed
+    assert panel.table.item(0, 3).text() == "51 (max 40)"
+    assert panel.table.item(0, 5).text() == "anderson \u2192 fixed_point fallback"
+    assert panel.plots["forward"].titleLabel.text == "Forward solves (51 it, fixed_point fallback)"

@@ -5,8 +5,6 @@ tasks run at once in the test's thread."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -16,16 +14,17 @@ from engine.config import ExperimentConfig
 from engine.errors import ScanError
 from engine.events import (CheckpointSaved, LogMessage, RunFailed, RunFinished, RunStarted, StabilityChecked,
                            StepFinished, ValidationFinished)
-from test_workbench_fakes import FakeModel, snapshot_event, solve_event
+from test_workbench_fakes import FakeModel, assert_imports_no_qt, snapshot_event, solve_event
 from workbench import backend
 from workbench.panels.losses_model import LossesModel
 from workbench.panels.reconstructions_model import ReconstructionsModel, snapshot_from_result
 from workbench.panels.residuals_model import ResidualsModel
-from workbench.presenters.analysis import AnalysisPresenter
-from workbench.presenters.config import ConfigPresenter
+from workbench.presenters.analysis import AnalysisPresenter, ReconstructionSettings, solve_outcome
+from workbench.presenters.config import ConfigPresenter, allowed_values, refusal_message
 from workbench.presenters.events import MAX_PROBLEM_LOGS, EventRouter, PanelModels
 from workbench.presenters.files import FilesPresenter, export_path, kind_of_path
-from workbench.presenters.run import CLOSE_GRACE_MS, TRANSITIONS, RunLifecycle, RunPhase, RunPresenter
+from workbench.presenters.run import (CLOSE_GRACE_MS, RECONSTRUCTION_PANELS, RUN_PANELS, TRANSITIONS, RunLifecycle,
+                                      RunPhase, RunPresenter)
 from workbench.presenters.settings import SettingsPresenter, WindowLayout
 from workbench.state import WorkbenchState
 
@@ -596,6 +595,168 @@ def test_snapshot_from_result_reads_the_engine_reconstruction():
     assert snap["reconstruction"].shape == (8, 8) and snap["mask"] is None
 
 
+# -- settings the user changed: applied or visibly refused -----------------------------------------
+def test_refusals_name_the_key_the_reason_and_what_is_allowed():
+    assert allowed_values("deq.stepsize") == "a number from 1e-06 to 10"
+    assert allowed_values("solver.name") == "one of 'fixed_point', 'anderson', 'broyden'"
+    assert allowed_values("optim.steps") == "a whole number from 1 to 10000000"
+    assert allowed_values("solver.divergence_factor") == "a number >= 2"
+    assert allowed_values("loss.ei_weight") == ""  # its own rule: the config's error says it
+    assert refusal_message("deq.stepsize", " 50 ", "deq.stepsize must be <= 10.0, got 50.0") == (
+        "deq.stepsize = 50 is refused: must be <= 10.0, got 50.0. Allowed: a number from 1e-06 to 10.")
+
+
+def test_an_invalid_field_blocks_train_and_reconstruct_with_the_field_named(analysis_setup):
+    analysis, run, view, controller, state, built, _panels = analysis_setup
+    config = ConfigPresenter(view, state)
+    message = refusal_message("deq.stepsize", "50", "deq.stepsize must be <= 10.0, got 50.0")
+    config.field_rejected("deq.stepsize", message)
+    assert not run.train() and controller.started == [] and run.phase is RunPhase.IDLE
+    title, text = view.called("report_error")[-1]
+    assert title == "Train refused"
+    assert "deq.stepsize = 50 is refused" in text and "from 1e-06 to 10" in text
+    assert "previous value (1.9) is not used" in text  # no silent use of the old value
+    assert view.called("show_invalid_setting")[-1] == ("deq.stepsize",)
+    assert "deq.stepsize" in view.called("set_status")[-1][0]
+    analysis.reconstruct()
+    assert view.called("report_error")[-1][0] == "Reconstruct refused" and built == []
+    assert analysis.tasks.names == []
+    analysis.equivariance(30.0)
+    assert view.called("report_error")[-1][0] == "Equivariance refused" and "equivariance_failed" in view.names()
+    config.field_accepted("deq.stepsize")  # corrected (or typed back to a valid value)
+    assert run.train() and controller.started[0]["config"].deq.stepsize == 1.9
+
+
+def test_a_new_config_clears_the_refused_fields(analysis_setup):
+    _analysis, run, view, controller, state, _built, _panels = analysis_setup
+    config = ConfigPresenter(view, state)
+    config.field_rejected("solver.tol", "solver.tol = -1 is refused: must be >= 0.0, got -1.0.")
+    config.set_config(tiny_config(**{"solver.tol": 1e-5}))
+    assert state.invalid_settings == {} and run.train()
+    assert controller.started[0]["config"].solver.tol == 1e-5
+
+
+def test_a_checkpoint_takes_the_docks_solver_settings_and_refuses_its_fixed_ones(analysis_setup):
+    analysis, _run, view, _controller, state, built, panels = analysis_setup
+    checkpoint = FakeModel(tiny_config(**{"run.name": "ckpt"}))
+    state.set_model(checkpoint, "checkpoint", "/models/m.pt")
+    state.config = checkpoint.config
+    config = ConfigPresenter(view, state)
+    config.edited(state.config.replace(**{"solver.tol": 1e-6, "solver.max_iter": 7, "deq.stepsize": 0.5,
+                                          "physics.views": 24, "optim.lr": 1e-3}))
+    assert "solver.tol = 1e-06 overrides checkpoint m.pt's 0.0001 at the next Reconstruct" in view.logged("info")
+    refused = [m for m in view.logged("warning") if m.startswith("physics.views = 24 is not applied")]
+    assert len(refused) == 1 and "Reconstruct keeps 30" in refused[0] and "next Train" in refused[0]
+    assert not any("optim.lr" in m for m in view.logged())  # a training setting: nothing to say for Reconstruct
+
+    analysis.reconstruct()
+    network = checkpoint.model  # the model Reconstruct used: the checkpoint's, with the dock's solve settings
+    assert network.forward_solver.tol == 1e-6 and network.forward_solver.max_iter == 7
+    assert network.operator.stepsize == 0.5 and built == []
+    text = view.called("show_reconstruction_settings")[-1][0]
+    assert "solver anderson, tol 1e-06, max iter 7, memory 5, damping 1, stepsize 0.5, relaxation 1" in text
+    assert "model: checkpoint /models/m.pt" in text
+    assert ("overridden from the settings: deq.stepsize 1.9 \u2192 0.5, solver.tol 0.0001 \u2192 1e-06, "
+            "solver.max_iter 60 \u2192 7") in text
+    assert "physics.views 24 (kept 30)" in text
+    assert "3 settings overridden; 1 not applied" in view.called("set_status")[-1][0]
+
+    state.config = checkpoint.config  # every edit set back: the model's own values again
+    analysis.reconstruct()
+    assert network.forward_solver.tol == 1e-4 and network.operator.stepsize == 1.9
+    assert "no settings overridden" in view.called("show_reconstruction_settings")[-1][0]
+
+
+def test_after_train_reconstruct_applies_the_docks_settings_to_the_runs_model(analysis_setup):
+    analysis, run, view, controller, state, built, _panels = analysis_setup
+    run.train()
+    controller.commands = FakeRunCommands(state.config, gain=0.5)
+    run.run_ended("completed")
+    ConfigPresenter(view, state).edited(state.config.replace(**{"solver.name": "broyden"}))
+    assert "solver.name = broyden overrides this session's training run's anderson at the next Reconstruct" \
+        in view.logged("info")
+    analysis.reconstruct()
+    assert analysis.training_model._loaded.model.forward_solver.name == "broyden"
+    text = view.called("show_reconstruction_settings")[-1][0]
+    assert text.startswith("solver broyden,") and "model: this session's training run" in text
+
+
+def test_a_fallback_is_shown_with_the_iterations_and_the_cap():
+    import dataclasses
+
+    panels = panel_models()
+    event = dataclasses.replace(solve_event(2, iters=51, batch=1, reason="converged"), fallback="fixed_point",
+                                max_iter=40)
+    record = panels.residuals.add(event)
+    assert record.problem and panels.residuals.problems == [record]  # the configured solver failed
+    assert record.solver_label() == "anderson \u2192 fixed_point fallback"
+    assert record.iterations_label() == "51 (max 40)"
+    assert solve_outcome(record) == "anderson \u2192 fixed_point fallback, 51 iterations (max 40), converged"
+    plain = panels.residuals.add(solve_event(3, iters=6, batch=1))
+    assert not plain.problem and plain.solver_label() == "anderson" and plain.iterations_label() == "6"
+    settings = ReconstructionSettings({"solver.name": "anderson", "solver.tol": 1e-3, "solver.max_iter": 40,
+                                       "solver.memory": 5, "solver.damping": 1.0, "deq.stepsize": 5.0,
+                                       "deq.relaxation": 1.0}, "config 'tiny'")
+    assert settings.describe(solve_outcome(record)).splitlines() == [
+        "solver anderson, tol 0.001, max iter 40, memory 5, damping 1, stepsize 5, relaxation 1",
+        "model: config 'tiny'", "no settings overridden",
+        "solve: anderson \u2192 fixed_point fallback, 51 iterations (max 40), converged"]
+
+
+def test_overrides_reach_the_engines_solve(monkeypatch):
+    """The real engine: a max_iter override caps the reconstruction's solve, and its event says so."""
+    from engine.inference import model_from_config
+
+    state = WorkbenchState(config=tiny_config(**{"physics.img_size": 32, "model.channels": 8}))
+    loaded = model_from_config(state.config, "cpu")
+    state.set_model(loaded, "checkpoint", "/models/real.pt")
+    state.config = state.config.replace(**{"solver.max_iter": 2, "solver.tol": 1e-9, "solver.fallback": ""})
+    view = RecordingView()
+    panels = panel_models()
+    AnalysisPresenter(view, state, ImmediateTasks(), RunPresenter(view, FakeController(), state), panels).reconstruct()
+    assert not view.called("report_error"), view.called("report_error")
+    record = panels.residuals.recent["forward"][-1]
+    assert record.iterations == 2 and record.max_iter == 2 and record.reason == "max_iterations"
+    assert loaded.model.forward_solver.max_iter == 2
+    assert "solve: anderson, 2 iterations (max 2), max iterations" in view.called("show_reconstruction_settings")[-1][0]
+
+
+# -- one message per failure; stale panels -----------------------------------------------------------
+def test_a_failure_is_one_message(router_setup):
+    router, run, view, _state, _panels = router_setup
+    run.train()
+    router.route_batch([RunStarted(run_dir=None, config={}, device="cpu", total_steps=6),
+                        solve_event(1, reason="diverged"), RunFailed(message="3 failed steps", step=0),
+                        RunFinished(reason="failed", step=0)])
+    assert view.called("report_error") == [("Training failed", "3 failed steps")]
+
+    router.route_batch([RunStarted(run_dir=None, config={}, device="cpu", total_steps=6)])
+    router.route_batch([solve_event(1, reason="diverged")])  # training continues: said once
+    assert view.called("report_error")[-1][0] == "Diverged solve"
+    router.route_batch([RunFailed(message="3 failed steps", step=0), RunFinished(reason="failed", step=0)])
+    dialogs = [name for name in view.names() if name in ("report_error", "close_error")]
+    assert dialogs[-2:] == ["close_error", "report_error"]  # the earlier dialog goes before the failure's comes
+    assert view.called("close_error")[-1] == ("Diverged solve",)  # its "training continues" no longer holds
+    assert view.called("report_error")[-1] == ("Training failed", "3 failed steps")
+
+
+def test_a_failed_run_marks_the_panels_stale_until_the_next_run_or_reconstruction(analysis_setup):
+    analysis, run, view, _controller, _state, _built, _panels = analysis_setup
+    run.train()
+    assert view.called("mark_stale") == [(RUN_PANELS, "")]
+    run.run_started(6, 0)
+    run.step_finished(3)
+    run.run_ended("failed")
+    assert view.called("mark_stale")[-1] == (RUN_PANELS, "stale: run failed at step 3")
+    analysis.reconstruct()
+    assert view.called("mark_stale")[-1] == (RECONSTRUCTION_PANELS, "")
+    assert "losses" not in RECONSTRUCTION_PANELS  # the failed run's loss curves stay marked
+    run.train()
+    assert view.called("mark_stale")[-1] == (RUN_PANELS, "")
+    run.run_ended("completed")
+    assert view.called("mark_stale")[-1] == (RUN_PANELS, "")  # a finished run is not stale
+
+
 # -- no Qt ---------------------------------------------------------------------------------------------
 def test_presenters_and_panel_models_import_no_qt():
     modules = ["workbench.presenters", "workbench.presenters.run", "workbench.presenters.events",
@@ -603,11 +764,4 @@ def test_presenters_and_panel_models_import_no_qt():
                "workbench.presenters.analysis", "workbench.panels", "workbench.panels.residuals_model",
                "workbench.panels.losses_model", "workbench.panels.reconstructions_model",
                "workbench.panels.equivariance_model", "workbench.state", "workbench.backend"]
-    code = ("import importlib, sys\n"
-            f"for name in {modules!r}:\n"
-            "    importlib.import_module(name)\n"
-            "qt = sorted(m for m in sys.modules if m.startswith(('PySide6', 'pyqtgraph', 'shiboken6')))\n"
-            "assert not qt, qt\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
+    assert_imports_no_qt(modules)

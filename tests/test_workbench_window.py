@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -309,3 +310,99 @@ def test_the_window_is_every_presenter_view(window):
         called = set(re.findall(r"self\.view\.(\w+)", inspect.getsource(module)))
         assert called <= declared, (module.__name__, called - declared)
         assert all(callable(getattr(window, name, None)) for name in declared), protocol.__name__
+
+
+# -- settings the user changed: applied or visibly refused; one message per failure, stale panels ---------
+def test_an_invalid_field_blocks_train_with_the_field_named_and_highlighted(qtbot, window, fake_engine):
+    w = window
+    w.docks["info"].raise_()  # the settings dock behind another tab: the refusal brings it forward
+    w.settings_panel.set_text("deq.stepsize", "50")
+    assert w.state.config.deq.stepsize == 1.9 and "deq.stepsize" in w.state.invalid_settings
+    field = w.settings_panel.fields["deq.stepsize"]
+    assert "#c62828" in field.styleSheet()
+    assert "Allowed: a number from 1e-06 to 10" in w.settings_panel.error_labels["deq.stepsize"].text()
+    assert not w.train() and not w.training.running and fake_engine.instances == []
+    title, message = w.dialogs[-1]
+    assert title == "Train refused" and message.startswith("deq.stepsize = 50 is refused: must be <= 10.0")
+    assert "Train refused" in w.status_label.text() and "deq.stepsize" in w.status_label.text()
+    assert not w.docks["settings"].visibleRegion().isEmpty()  # raised over the info tab
+    w.analysis.reconstruct()
+    assert w.dialogs[-1][0] == "Reconstruct refused"
+    qtbot.waitUntil(lambda: w.tasks.pending == 0, timeout=5000)
+    assert w.reconstructions.model.snapshots == []  # nothing reconstructed with the previous value
+    w.settings_panel.set_text("deq.stepsize", "1.5")  # corrected: Train uses it
+    assert w.state.invalid_settings == {} and field.styleSheet() == ""
+    assert w.train()
+    wait_idle(qtbot, w)
+    assert fake_engine.instances[-1].config.deq.stepsize == 1.5
+
+
+def test_a_checkpoint_reconstructs_with_the_docks_solver_settings(qtbot, window, tmp_path, monkeypatch):
+    w = window
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(b"fake model")
+    w.files.open_checkpoint(str(ckpt))
+    qtbot.waitUntil(lambda: w.state.checkpoint_path == str(ckpt) and w.tasks.pending == 0, timeout=10000)
+    assert "no settings overridden" in w.info.reconstruction_label.text()
+    w.settings_panel.set_text("solver.tol", "1e-06")
+    w.settings_panel.set_text("deq.relaxation", "0.5")
+    w.settings_panel.set_text("physics.views", "12")
+    w.analysis.reconstruct()
+    qtbot.waitUntil(lambda: len(w.reconstructions.model.snapshots) == 2 and w.tasks.pending == 0, timeout=10000)
+    network = w.state.model.model
+    assert network.forward_solver.tol == 1e-6 and network.operator.relaxation == 0.5
+    assert w.state.model.config.physics.views == 30  # the checkpoint's own: fixed by its weights
+    text = w.info.reconstruction_label.text()
+    assert "tol 1e-06" in text and "relaxation 0.5" in text and f"model: checkpoint {ckpt}" in text
+    assert "overridden from the settings: deq.relaxation 1 \u2192 0.5, solver.tol 0.0001 \u2192 1e-06" in text
+    assert "physics.views 12 (kept 30)" in text
+    assert any("physics.views = 12 is not applied to checkpoint model.pt" in m
+               for m in w.log.model.messages("warning"))
+    assert "2 settings overridden; 1 not applied" in w.status_label.text()
+
+
+class FailingTrainer(FakeTrainer):
+    """Three diverged steps, each reported in its own batch, then the run fails as the engine's does."""
+
+    def _run(self) -> str:
+        from engine.events import RunFailed, RunFinished, RunStarted
+        from test_workbench_fakes import solve_event
+
+        self.emit(RunStarted(run_dir=self.run_dir, config=self.config.to_dict(), device="cpu", total_steps=6))
+        for step in (1, 2, 3):
+            time.sleep(0.15)  # the GUI takes each step's events as a batch of their own
+            self.emit(solve_event(step, "forward", iters=6, reason="diverged"))
+        time.sleep(0.15)
+        self.emit(RunFailed(message="stopped after 3 failed steps in a row: forward solve diverged", step=0))
+        self.emit(RunFinished(reason="failed", step=0))
+        return "failed"
+
+
+def test_a_failed_run_is_one_message_and_leaves_its_panels_marked_stale(qtbot, wb_settings, tmp_path, fake_engine,
+                                                                         tiny_config):
+    from workbench.dialogs.errors import ErrorDialogs
+
+    trainers = [FailingTrainer, fake_engine]
+    w = open_window(qtbot, config=tiny_config, settings=wb_settings, run_root=str(tmp_path / "runs"),
+                    trainer_factory=lambda *a, **k: trainers.pop(0)(*a, **k))
+    w.error_dialog = ErrorDialogs(w)  # the real, non-modal message boxes
+    try:
+        w.train()
+        wait_idle(qtbot, w)
+        assert w.training.last_result == "failed"
+        assert [title for title, _ in w.errors] == ["Diverged solve", "Training failed"]
+        assert list(w.error_dialog.open_boxes) == ["Training failed"]  # "training continues" was taken back
+        assert "3 failed steps" in w.error_dialog.open_boxes["Training failed"].text()
+        for key in ("reconstructions", "residuals", "losses", "equivariance"):
+            assert w.docks[key].windowTitle().endswith("(stale: run failed at step 0)"), key
+        assert w.docks["log"].windowTitle() == "Log"
+        w.analysis.reconstruct()
+        qtbot.waitUntil(lambda: w.tasks.pending == 0 and w.docks["reconstructions"].windowTitle() == "Reconstructions",
+                        timeout=5000)
+        assert w.docks["residuals"].windowTitle() == "Solver residuals"
+        assert w.docks["losses"].windowTitle() == "Loss curves (stale: run failed at step 0)"
+        w.train()  # the next run clears the mark
+        wait_idle(qtbot, w)
+        assert w.training.last_result == "completed" and w.docks["losses"].windowTitle() == "Loss curves"
+    finally:
+        shut_down(qtbot, w)

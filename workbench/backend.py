@@ -34,13 +34,39 @@ def new_run_dir(root: str, name: str) -> str:
 def load_model(path: str):
     from engine.inference import load_model as _load
 
-    return _load(path)
+    return record_solves(_load(path))
 
 
 def model_from_config(config):
     from engine.inference import model_from_config as _from
 
-    return _from(config)
+    return record_solves(_from(config))
+
+
+def record_solves(loaded):
+    """Make a model the workbench uses record its forward solves (the Solver Inspector opens them)."""
+    from engine.diagnostics import SolveRecorder
+
+    loaded.model.recorder_factory = lambda direction: SolveRecorder(direction)
+    return loaded
+
+
+def apply_solve_settings(loaded, settings: dict) -> None:
+    """Set a LoadedModel's solver and step settings (``solver.*``, ``backward_solver.*``, ``deq.stepsize``,
+    ``deq.relaxation``) on the live model; ValueError for any other key (a trained model's are fixed)."""
+    from engine.diagnostics.inspect import apply_settings
+
+    skipped = apply_settings(loaded.model, settings)
+    if skipped:
+        raise ValueError(f"not settings of a live model: {', '.join(skipped)}")
+
+
+def solve_settings(loaded) -> dict:
+    """The forward solve's settings a LoadedModel runs with now, by dotted config key."""
+    network, solver = loaded.model, loaded.model.forward_solver
+    return {"solver.name": solver.name, "solver.tol": solver.tol, "solver.max_iter": solver.max_iter,
+            "solver.memory": solver.memory, "solver.damping": solver.damping, "solver.fallback": solver.fallback,
+            "deq.stepsize": float(network.operator.stepsize), "deq.relaxation": float(network.operator.relaxation)}
 
 
 class TrainerCommands:
@@ -65,6 +91,15 @@ class TrainerCommands:
     def save_checkpoint(self, path: str) -> str:
         """Write a checkpoint of the state between steps (captured by the training thread) to ``path``."""
         return str(self._trainer.save_checkpoint(path))
+
+    def recorded_steps(self) -> list:
+        """The training steps whose recorded solves are kept (oldest first)."""
+        return list(self._trainer.between_steps(self._trainer.recorded_steps))
+
+    def recordings(self, step=None):
+        """The recorded solves of ``step`` (default: the newest kept) with their weights
+        (``engine.trainer.StepRecordings``), or None."""
+        return self._trainer.between_steps(lambda: self._trainer.recordings_of(step))
 
 
 class TrainerModelView:

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (QDockWidget, QFileDialog, QLabel, QMainWindow, QP
 from engine.config import ExperimentConfig
 from workbench import backend
 from workbench.dialogs.errors import ErrorDialogs, ask_yes_no
+from workbench.dialogs.inspector import SolverInspectorFeature
 from workbench.dialogs.settings import SettingsPanel
 from workbench.panels.equivariance import EquivariancePanel
 from workbench.panels.info import InfoPanel
@@ -100,7 +101,8 @@ class MainWindow(QMainWindow):
         self.relay.eventsReady.connect(self.router.route_batch)
         self.training.runEnded.connect(self.run.run_ended)
         self.settings_panel.configChanged.connect(self.config_editor.edited)
-        self.settings_panel.fieldRejected.connect(lambda k, msg: self.log.add("warning", f"refused: {msg}"))
+        self.settings_panel.fieldRejected.connect(self.config_editor.field_rejected)
+        self.settings_panel.fieldAccepted.connect(self.config_editor.field_accepted)
         self.equivariance.angleRequested.connect(self.analysis.equivariance)
         self.equivariance.curveRequested.connect(self.analysis.equivariance_curve)
         self.info.sliceChanged.connect(self.analysis.slice_chosen)
@@ -108,6 +110,7 @@ class MainWindow(QMainWindow):
 
         self._build_docks()
         self._build_actions()
+        self.inspector = SolverInspectorFeature(self, self.run_menu)  # its window, actions, alarm
         self._build_status()
         self.plot_timer = self._timer(PLOT_INTERVAL_MS, self.refresh_plots)
         self.image_timer = self._timer(IMAGE_INTERVAL_MS, self.refresh_images)
@@ -136,13 +139,14 @@ class MainWindow(QMainWindow):
         dock.setObjectName(f"dock_{key}")
         dock.setWidget(widget)
         self.addDockWidget(area, dock)
-        self.docks[key] = dock
+        self.docks[key], self.dock_titles[key] = dock, title
 
     def _build_docks(self) -> None:
         central = QWidget()
         central.setMaximumSize(0, 0)
         self.setCentralWidget(central)
         self.docks: dict[str, QDockWidget] = {}
+        self.dock_titles: dict[str, str] = {}  # as built; mark_stale adds a note
         left, right = Qt.DockWidgetArea.LeftDockWidgetArea, Qt.DockWidgetArea.RightDockWidgetArea
         self._dock("settings", "Settings", self.settings_panel, left)
         self._dock("info", "Scan info", self.info, left)
@@ -204,7 +208,8 @@ class MainWindow(QMainWindow):
                       [self.act_open_config, self.act_save_config, self.act_reset_config], [self.act_quit]):
             fm.addSeparator()
             fm.addActions(group)
-        mb.addMenu("&Run").addActions(list(run_actions))
+        self.run_menu = mb.addMenu("&Run")
+        self.run_menu.addActions(list(run_actions))
         mb.addMenu("&View").addActions([dock.toggleViewAction() for dock in self.docks.values()])
 
         tb = QToolBar("Run")
@@ -299,6 +304,17 @@ class MainWindow(QMainWindow):
             except Exception:
                 pass
 
+    def close_error(self, title: str) -> None:
+        getattr(self.error_dialog, "dismiss", lambda _title: None)(title)  # a test's recorder has none
+
+    def show_invalid_setting(self, key: str) -> None:
+        self.docks["settings"].raise_()
+        self.settings_panel.show_field(key)
+
+    def mark_stale(self, panels: tuple, note: str) -> None:
+        for key in panels:
+            self.docks[key].setWindowTitle(self.dock_titles[key] + (f" ({note})" if note else ""))
+
     def set_status(self, text: str) -> None:
         self.status_label.setText(text)
 
@@ -357,6 +373,9 @@ class MainWindow(QMainWindow):
     def show_model_info(self, text: str) -> None:
         self.info.set_model(text)
 
+    def show_reconstruction_settings(self, text: str) -> None:
+        self.info.set_reconstruction(text)
+
     def show_device(self, text: str) -> None:
         self.device_label.setText(text)
 
@@ -394,6 +413,7 @@ class MainWindow(QMainWindow):
         """Stop redrawing, end the training thread (stopping any run) and the task pool."""
         self.plot_timer.stop()
         self.image_timer.stop()
+        self.inspector.close()
         self.training.shutdown(30000)
         self.tasks.closed = True
         self.tasks.wait(30000)

@@ -62,7 +62,10 @@ class WorkbenchState:
     # run (set by Train, cleared by opening a checkpoint); ``model`` otherwise.
     use_training_weights: bool = False
     run_dir: Optional[str] = None
+    run_config: Optional[ExperimentConfig] = None  # the config of the latest training run (set by Train)
     recent: list = field(default_factory=list)
+    # settings fields the dock refused (dotted key -> message); they block Train / Reconstruct until corrected
+    invalid_settings: dict = field(default_factory=dict)
 
     # -- recent files ------------------------------------------------------------------
     def add_recent(self, kind: str, path: str) -> None:
@@ -114,6 +117,19 @@ class WorkbenchState:
         self.model, self.model_source = model, source
         if checkpoint_path is not None:
             self.checkpoint_path = checkpoint_path
+
+    def trained_config(self) -> Optional[ExperimentConfig]:
+        """The config the weights Reconstruct uses were trained with; None for a model built from the config."""
+        if self.use_training_weights:
+            return self.run_config
+        if self.model_source == "checkpoint":
+            return getattr(self.model, "config", None)
+        return None
+
+    def trained_model_name(self) -> str:
+        if self.use_training_weights:
+            return "this session's training run"
+        return f"checkpoint {os.path.basename(self.checkpoint_path or '')}"
 
     def title(self) -> str:
         parts = ["EquiDEQ Workbench"]

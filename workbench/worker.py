@@ -159,11 +159,20 @@ class TrainingController(QObject):
         self.commands: Optional[backend.TrainerCommands] = None
         self.running = False
         self.last_result: Optional[str] = None
+        #: runs pause themselves when a step fails on a solve (the GUI's persisted setting)
+        self.pause_on_divergence = False
+
+    def set_pause_on_divergence(self, on: bool) -> None:
+        """For the next runs and the one in progress (a plain bool the trainer reads between steps)."""
+        self.pause_on_divergence = bool(on)
+        if self.control is not None:
+            self.control.pause_on_divergence = bool(on)
 
     def start(self, config, run_dir=None, resume_from=None) -> bool:
         if self.running:
             return False
         self.control = RunControl()
+        self.control.pause_on_divergence = self.pause_on_divergence
         self.running = True
         self._request.emit(TrainRequest(config, self.control, run_dir, resume_from))
         self.runStarted.emit()

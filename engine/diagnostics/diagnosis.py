@@ -61,6 +61,8 @@ CONDITION_FRACTION = 0.1
 OSCILLATION_COSINE = -0.5
 #: iterations the oscillation and stagnation tests look back over (at least)
 WINDOW = 6
+#: successive-step cosines the oscillation test needs at the least (a solve that diverges fast has few)
+OSCILLATION_MIN_STEPS = 4
 #: stagnation: the residual fell by less than this factor over the last quarter of the iterations
 STAGNATION_FACTOR = 0.5
 
@@ -166,8 +168,10 @@ def diagnose(rec: SolveRecording, sample: Optional[int] = None, *, spectral_radi
     s = _Reader(rec, rec.worst_sample() if sample is None else sample)
     found: list[Diagnosis] = []
     oscillating = False
-    radius_text = "" if spectral_radius is None else f" (spectral radius of dF/dx where the solve ended {_fmt(spectral_radius)})"
-    lip_text = "" if denoiser_lipschitz is None else f"; the denoiser's Lipschitz estimate is {_fmt(denoiser_lipschitz)}"
+    radius_text = ("" if spectral_radius is None
+                   else f" (spectral radius of dF/dx where the solve ended {_fmt(spectral_radius)})")
+    lip_text = ("" if denoiser_lipschitz is None
+                else f"; the denoiser's Lipschitz estimate is {_fmt(denoiser_lipschitz)}")
 
     nf = rec.non_finite
     if nf is not None and (nf.sample == s.sample or s.reason == NON_FINITE):
@@ -192,7 +196,7 @@ def diagnose(rec: SolveRecording, sample: Optional[int] = None, *, spectral_radi
                    {"deq.stepsize": 1.0}), {"stepsize": settings.stepsize}))
 
     cosines = s.cosines(max(WINDOW, s.primary_end // 4))
-    if cosines.size >= WINDOW and float(np.median(cosines)) < OSCILLATION_COSINE:
+    if cosines.size >= OSCILLATION_MIN_STEPS and float(np.median(cosines)) < OSCILLATION_COSINE:
         oscillating = True
         found.append(Diagnosis(
             "oscillation",

@@ -49,6 +49,7 @@ def solve(f: FixedPointMap, x0: torch.Tensor, options: SolverConfig,
     solver = get_solver(options.name)
     with torch.no_grad():
         x, stats = solver(f, x0, options, control, recorder=recorder)
+        stats.max_iter = int(options.max_iter)
         failed = torch.tensor([r in FAILURE_REASONS for r in stats.stop_reasons], device=x.device)
         finite_start = torch.isfinite(x.flatten(1)).all(1)
         retry = failed & finite_start

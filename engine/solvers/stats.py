@@ -31,6 +31,8 @@ class SolveStats:
         f_evals: calls of the (batched) map.
         seconds: wall time.
         fallback: name of the solver that took over diverged samples, if any.
+        max_iter: the iteration cap of the solve (set by :func:`engine.solvers.solve`);
+            ``iterations`` include the fallback's, up to ``max_iter`` more.
         recording: the solve's :class:`engine.diagnostics.SolveRecording` when it was
             recorded (iterates, residual maps; the Solver Inspector's data), else None.
     """
@@ -45,6 +47,7 @@ class SolveStats:
     f_evals: int = 0
     seconds: float = 0.0
     fallback: Optional[str] = None
+    max_iter: Optional[int] = None
     recording: Any = field(default=None, repr=False)
 
     # -- summaries ---------------------------------------------------------------------
@@ -98,6 +101,7 @@ class SolveStats:
             tolerance=self.tolerance,
             tolerance_mode=self.tolerance_mode,
             fallback=self.fallback,
+            max_iter=self.max_iter,
             step=step,
             tag=tag,
         )

@@ -26,6 +26,12 @@ class ErrorDialogs:
         self.open_boxes[title] = box
         box.show()
 
+    def dismiss(self, title: str) -> None:
+        """Close the box of ``title`` if it is open (its message no longer holds)."""
+        box = self.open_boxes.pop(title, None)
+        if box is not None:
+            box.close()
+
 
 def ask_yes_no(parent: QWidget, title: str, question: str) -> bool:
     """A blocking yes/no question (only for user-initiated actions like closing)."""

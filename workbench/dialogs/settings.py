@@ -1,8 +1,11 @@
 """The settings dock: physics, solver, gradient mode, losses, optimiser, run.
 
 Every edit is validated by ``ExperimentConfig.replace``; an invalid value is
-refused, the ConfigError text appears under the field and the previous valid
-config stays in force.
+refused: the field turns red, the message under it names the key, why and what
+is allowed, and ``fieldRejected`` tells the window, where the field blocks Train
+and Reconstruct until it is corrected (``fieldAccepted``) or the config is
+replaced. The previous valid config stays the panel's, but is never used in the
+refused field's place.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from PySide6.QtWidgets import (QComboBox, QFormLayout, QGroupBox, QLabel, QLineE
 
 from engine.config import ExperimentConfig, describe_fields
 from engine.errors import ConfigError
+from workbench.presenters.config import format_setting as format_value, refusal_message
 
 SECTIONS = [
     ("Physics", ["physics.modality", "physics.img_size", "physics.views", "physics.noise_sigma",
@@ -53,12 +57,6 @@ def get_value(config: ExperimentConfig, key: str) -> Any:
     return getattr(getattr(config, section), name)
 
 
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
 
 
 def parse_text(text: str, kind: type) -> Any:
@@ -123,7 +121,8 @@ class SettingsPresenter:
 
 class SettingsPanel(QWidget):
     configChanged = Signal(object)
-    fieldRejected = Signal(str, str)
+    fieldRejected = Signal(str, str)  # key, message naming the key, the reason and what is allowed
+    fieldAccepted = Signal(str)  # key: its text is valid (changed or not)
 
     def __init__(self, config: ExperimentConfig, parent=None) -> None:
         super().__init__(parent)
@@ -169,17 +168,19 @@ class SettingsPanel(QWidget):
                 self.fields[key] = w
                 self.error_labels[key] = err
             vl.addWidget(box)
-        note = QLabel("Changes apply to the next Train / Reconstruct.")
+        note = QLabel("Changes apply to the next Train / Reconstruct. With a trained model (a checkpoint, or "
+                      "after Train) Reconstruct uses the solver and step settings given here; its physics, "
+                      "network and fixed-point form stay the model's own until the next Train.")
         note.setWordWrap(True)
         note.setStyleSheet("color: #666;")
         vl.addWidget(note)
         vl.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(inner)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setWidget(inner)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
-        lay.addWidget(scroll)
+        lay.addWidget(self.scroll)
         self.set_config(config)
 
     @property
@@ -211,18 +212,29 @@ class SettingsPanel(QWidget):
             w.setText(text)
             self._edited(key, text)
 
+    def show_field(self, key: str) -> None:
+        """Scroll to a field and put the cursor in it (a refused field the user has to correct)."""
+        w = self.fields[key]
+        self.scroll.ensureWidgetVisible(self.error_labels[key])
+        self.scroll.ensureWidgetVisible(w)
+        w.setFocus()
+        if isinstance(w, QLineEdit):
+            w.selectAll()
+
     def _edited(self, key: str, text: str) -> None:
         new, error = self.presenter.apply(key, text)
         label, w = self.error_labels[key], self.fields[key]
         if error:
-            label.setText(error)
+            message = refusal_message(key, text, error)
+            label.setText(message)
             label.setVisible(True)
             if isinstance(w, QLineEdit):
-                w.setStyleSheet("border: 1px solid #c62828;")
-            self.fieldRejected.emit(key, error)
+                w.setStyleSheet("border: 2px solid #c62828; background: #fdecea;")
+            self.fieldRejected.emit(key, message)
             return
         label.setVisible(False)
         if isinstance(w, QLineEdit):
             w.setStyleSheet("")
         if new is not None:
             self.configChanged.emit(new)
+        self.fieldAccepted.emit(key)

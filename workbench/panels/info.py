@@ -1,10 +1,12 @@
-"""The info panel: scan summary, key DICOM tags, slice selector, model and run."""
+"""The info panel: scan summary, key DICOM tags, slice selector, model and run, and the settings
+the latest reconstruction used (solver, tolerance, cap, memory, damping, step, relaxation, the
+model's source, what the settings dock overrode or could not apply, how the solve ended)."""
 
 from __future__ import annotations
 
 import os
 
-from PySide6.QtCore import Signal
+from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QSpinBox, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
@@ -45,6 +47,10 @@ class InfoPanel(QWidget):
         self.model_label.setWordWrap(True)
         self.run_label = QLabel("Run: —")
         self.run_label.setWordWrap(True)
+        self.reconstruction_label = QLabel("Reconstruction: —")
+        self.reconstruction_label.setWordWrap(True)
+        self.reconstruction_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.reconstruction_label.setToolTip("The settings the latest Reconstruct used")
         self.table = QTableWidget(0, 2)
         self.table.setHorizontalHeaderLabels(["Tag", "Value"])
         self.table.verticalHeader().setVisible(False)
@@ -59,6 +65,7 @@ class InfoPanel(QWidget):
         lay.setContentsMargins(2, 2, 2, 2)
         lay.addWidget(self.model_label)
         lay.addWidget(self.run_label)
+        lay.addWidget(self.reconstruction_label)
         lay.addLayout(row)
         lay.addWidget(self.table, 1)
         self.set_scan(None)
@@ -86,3 +93,7 @@ class InfoPanel(QWidget):
         name = os.path.basename(run_dir.rstrip("/")) if run_dir else "—"
         self.run_label.setText(f"Run: {name} {extra}".strip())
         self.run_label.setToolTip(run_dir or "")
+
+    def set_reconstruction(self, text: str) -> None:
+        """The settings the latest reconstruction used (lines of text)."""
+        self.reconstruction_label.setText(f"Reconstruction: {text}")

@@ -6,14 +6,20 @@ The data (worst-sample traces, counts, problems) live in
 (``StabilityChecked`` events) decides whether the fixed-point iteration
 converges at all (below 1) and how fast; the limit line is the trainer's
 safeguard threshold, and red marks are the steps where the safeguard acted.
+
+A step that failed on a solve (``SolveAlarm``) raises a red banner naming the step,
+the solve and the reason, with an Inspect button; double-clicking a row of the
+problem table opens that solve in the Solver Inspector (both are signals the
+window connects).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from PySide6.QtCore import Qt
-from PySide6.QtWidgets import (QCheckBox, QComboBox, QHeaderView, QLabel, QSpinBox, QSplitter, QTableWidget,
-                               QTableWidgetItem, QVBoxLayout, QWidget)
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QHBoxLayout, QHeaderView, QLabel, QPushButton,
+                               QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout,
+                               QWidget)
 
 from workbench.panels.plotting import LogAxis, control_row, pg
 from workbench.panels.residuals_model import DIRECTIONS, REASON_LABELS, ResidualsModel
@@ -22,14 +28,44 @@ _NEWEST = {"forward": (31, 119, 180), "backward": (255, 127, 14)}
 _PROBLEM = (214, 39, 40)
 
 
+class AlarmBanner(QFrame):
+    """The red line that names a failed step's solve, with Inspect and dismiss buttons."""
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.setObjectName("divergence_alarm")
+        self.setStyleSheet("#divergence_alarm { background: #c62828; border-radius: 3px; }"
+                           "#divergence_alarm QLabel { color: white; font-weight: bold; }")
+        self.label = QLabel("")
+        self.label.setWordWrap(True)
+        self.inspect_button = QPushButton("Inspect")
+        self.inspect_button.setToolTip("Open the failed solve in the Solver Inspector")
+        self.dismiss_button = QToolButton()
+        self.dismiss_button.setText("\u2715")
+        self.dismiss_button.setToolTip("Hide this alarm (the problem table keeps the solve)")
+        row = QHBoxLayout(self)
+        row.setContentsMargins(8, 4, 4, 4)
+        row.addWidget(self.label, 1)
+        row.addWidget(self.inspect_button)
+        row.addWidget(self.dismiss_button)
+        self.setVisible(False)
+
+
 class ResidualsPanel(QWidget):
     """Residual traces (forward, backward), iterations per solve, stop reasons, problem list."""
+
+    problemActivated = Signal(object)  # the SolveRecord of a double-clicked problem row
+    inspectAlarm = Signal()  # the alarm banner's Inspect
 
     def __init__(self, parent=None, overlay: int = 8) -> None:
         super().__init__(parent)
         self.model = ResidualsModel(overlay)
         self.mode = "rel"
         self._drawn = -1
+        self._shown_problems: list = []  # the SolveRecord of each table row
+        self.alarm = AlarmBanner()
+        self.alarm.inspect_button.clicked.connect(self.inspectAlarm.emit)
+        self.alarm.dismiss_button.clicked.connect(self._dismiss_alarm)
 
         self.mode_box = QComboBox()
         self.mode_box.addItems(["relative", "absolute"])
@@ -105,7 +141,10 @@ class ResidualsPanel(QWidget):
         self.table.verticalHeader().setVisible(False)
         self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.Stretch)
         self.table.setEditTriggers(QTableWidget.EditTrigger.NoEditTriggers)
-        self.table.setToolTip("Solves that diverged, hit the iteration cap or produced non-finite values")
+        self.table.setToolTip("Solves that diverged, hit the iteration cap or produced non-finite values; "
+                              "double-click one to open it in the Solver Inspector")
+        self.table.setSelectionBehavior(QTableWidget.SelectionBehavior.SelectRows)
+        self.table.cellDoubleClicked.connect(self._row_activated)
         self.table_label = QLabel("Problem solves: none")
 
         bottom = QWidget()
@@ -123,6 +162,7 @@ class ResidualsPanel(QWidget):
 
         lay = QVBoxLayout(self)
         lay.setContentsMargins(2, 2, 2, 2)
+        lay.addWidget(self.alarm)
         lay.addLayout(top)
         lay.addWidget(split)
 
@@ -143,6 +183,14 @@ class ResidualsPanel(QWidget):
 
     def _overlay_changed(self, n: int) -> None:
         self.model.set_overlay(n)
+        self.refresh()
+
+    def _row_activated(self, row: int, _column: int) -> None:
+        if 0 <= row < len(self._shown_problems):
+            self.problemActivated.emit(self._shown_problems[row])
+
+    def _dismiss_alarm(self) -> None:
+        self.model.dismiss_alarm()
         self.refresh()
 
     def _logy_changed(self, on: bool) -> None:
@@ -198,7 +246,7 @@ class ResidualsPanel(QWidget):
             last = records[-1] if records else None
             title = f"{d.capitalize()} solves"
             if last is not None:
-                title += f" ({last.iterations} it)"
+                title += f" ({last.iterations} it" + (f", {last.fallback} fallback)" if last.fallback else ")")
             self.plots[d].setTitle(title)
             xs = np.asarray(self.model.iter_x[d], dtype=np.float64)
             self.iter_curves[d].setData(xs, np.asarray(self.model.iter_y[d], dtype=np.float64))
@@ -219,20 +267,25 @@ class ResidualsPanel(QWidget):
         self.radius_limit_line.setVisible(bool(np.isfinite(m.radius_limit)))
         self.radius_plot.setTitle(m.radius_title())
         self.summary.setText(self.model.reason_summary())
+        self.alarm.setVisible(m.alarm is not None)
+        self.alarm.label.setText(m.alarm.text() if m.alarm is not None else "")
         self._fill_table()
 
     def _fill_table(self) -> None:
         problems = self.model.problems
         self.table_label.setText(f"Problem solves: {len(problems)}" if problems else "Problem solves: none")
         shown = problems[-200:][::-1]
+        self._shown_problems = shown
         self.table.setRowCount(len(shown))
         for row, rec in enumerate(shown):
             final = rec.trace(self.mode)
             final_s = f"{final[-1]:.3g}" if final.size else "—"
-            values = [str(rec.step), rec.direction, REASON_LABELS.get(rec.reason, rec.reason), str(rec.iterations),
-                      final_s, rec.solver]
+            step = "Reconstruct" if rec.tag == "reconstruct" else str(rec.step)
+            values = [step, rec.direction, REASON_LABELS.get(rec.reason, rec.reason), rec.iterations_label(),
+                      final_s, rec.solver_label()]
             for col, v in enumerate(values):
                 item = QTableWidgetItem(v)
+                item.setToolTip(v)  # a fallback's solver name is longer than its column
                 if col == 2:
                     item.setForeground(pg.mkColor(*_PROBLEM))
                 self.table.setItem(row, col, item)

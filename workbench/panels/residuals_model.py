@@ -1,5 +1,5 @@
 """The solver residuals' data: per-solve residual traces, iterations over training,
-stop reasons, the problem list and the spectral radius of dF/dx. Qt-free.
+stop reasons, the problem list, the spectral radius of dF/dx and the divergence alarm. Qt-free.
 
 A solve's trace is the residual of its *worst* sample per iteration (the
 largest finite value across the batch, NaN-padded samples ignored): that is
@@ -9,8 +9,8 @@ the curve that decides when the batched solve ends.
 from __future__ import annotations
 
 from collections import Counter, deque
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Any, Optional
 
 import numpy as np
 
@@ -20,6 +20,7 @@ DIRECTIONS = ("forward", "backward")
 PROBLEM_REASONS = (NON_FINITE, DIVERGED, MAX_ITERATIONS)
 _REASON_RANK = {NON_FINITE: 4, DIVERGED: 3, MAX_ITERATIONS: 2, STOPPED: 1, CONVERGED: 0}
 MAX_PROBLEMS = 500
+MAX_RECORDED = 4  # recorded Reconstruct solves kept for the Solver Inspector (iterates: a few MB each)
 REASON_LABELS = {MAX_ITERATIONS: "max iter", NON_FINITE: "non-finite"}
 
 
@@ -56,13 +57,54 @@ class SolveRecord:
     solver: str
     seconds: float
     tag: str = ""
+    #: the recorded solve with what replays it (panels.inspector_model.SolveSource), for solves
+    #: the Solver Inspector opens from this record itself (Reconstruct); training solves are
+    #: fetched from the run by step and tag
+    source: Any = field(default=None, repr=False)
+    fallback: str = ""  # the solver that took over failed samples ("" = none)
+    max_iter: Optional[int] = None  # the solve's iteration cap (the fallback may add as many again)
 
     @property
     def problem(self) -> bool:
-        return self.reason in PROBLEM_REASONS
+        """Failed, capped, or rescued by the fallback (the configured solver failed)."""
+        return self.reason in PROBLEM_REASONS or bool(self.fallback)
+
+    def solver_label(self) -> str:
+        """``anderson`` or ``anderson → fixed_point fallback``."""
+        return f"{self.solver} \u2192 {self.fallback} fallback" if self.fallback else self.solver
+
+    def iterations_label(self) -> str:
+        """``51`` or, when the cap is known, ``51 (max 40)``."""
+        return f"{self.iterations} (max {self.max_iter})" if self.max_iter else str(self.iterations)
 
     def trace(self, mode: str) -> np.ndarray:
         return self.abs_trace if mode == "abs" else self.rel_trace
+
+
+@dataclass
+class AlarmNote:
+    """The divergence alarm the residual panel shows (from ``engine.events.SolveAlarm``)."""
+
+    step: int
+    direction: str
+    tag: str
+    sample: int
+    stop_reason: str
+    paused: bool
+    count: int = 1  # alarms this run
+    run_end: str = ""  # "failed" / "stopped" / "completed" once the run is over: the banner stops asking to resume
+
+    def text(self) -> str:
+        reason = REASON_LABELS.get(self.stop_reason, self.stop_reason).replace("_", " ")
+        if self.run_end:
+            state = f"the step was not applied and the run has {self.run_end}: Inspect still shows the solve"
+        elif self.paused:
+            state = "training paused: inspect it, then Resume or Stop"
+        else:
+            state = "the step was not applied"
+        more = f" ({self.count} failed steps this run)" if self.count > 1 else ""
+        return f"Step {self.step}: the {self.direction} solve ({self.tag}) {reason}, {state}{more}."
+
 
 
 class ResidualsModel:
@@ -83,6 +125,8 @@ class ResidualsModel:
         self.radius_y: list[float] = []
         self.radius_acted: list[bool] = []
         self.radius_limit = float("nan")
+        self.alarm: Optional[AlarmNote] = None  # the latest failed training step's solve
+        self.recorded: deque = deque(maxlen=MAX_RECORDED)  # records whose solve the inspector opens (Reconstruct)
         self.version = 0
 
     def clear(self) -> None:
@@ -109,6 +153,8 @@ class ResidualsModel:
             iterations=n_iter, reason=worst_reason(reasons), reasons=reasons,
             tolerance=float(event.tolerance), tolerance_mode=str(event.tolerance_mode),
             solver=str(event.solver), seconds=float(event.seconds), tag=str(getattr(event, "tag", "") or ""),
+            source=getattr(event, "source", None), fallback=str(getattr(event, "fallback", None) or ""),
+            max_iter=getattr(event, "max_iter", None),
         )
         self.recent[d].append(rec)
         self.iter_x[d].append(rec.step)
@@ -116,11 +162,32 @@ class ResidualsModel:
         self.iter_problem[d].append(rec.problem)
         self.reasons[d].update(reasons)
         self.tolerance[d] = (rec.tolerance, rec.tolerance_mode)
+        if rec.source is not None:
+            self.recorded.append(rec)
         if rec.problem:
             self.problems.append(rec)
             del self.problems[:-MAX_PROBLEMS]
         self.version += 1
         return rec
+
+    def set_alarm(self, event) -> AlarmNote:
+        """An ``engine.events.SolveAlarm``: a step failed on a solve (and the run may have paused)."""
+        count = self.alarm.count + 1 if self.alarm is not None else 1
+        self.alarm = AlarmNote(int(event.step), str(event.direction), str(event.tag), int(event.sample),
+                               str(event.stop_reason), bool(event.paused), count)
+        self.version += 1
+        return self.alarm
+
+    def run_ended(self, reason: str) -> None:
+        """The run is over: an alarm still shown no longer invites Resume."""
+        if self.alarm is not None and not self.alarm.run_end:
+            self.alarm.run_end = reason
+            self.version += 1
+
+    def dismiss_alarm(self) -> None:
+        if self.alarm is not None:
+            self.alarm = None
+            self.version += 1
 
     def add_stability(self, event) -> None:
         """A ``StabilityChecked`` event: one spectral-radius estimate (and what the safeguard did)."""

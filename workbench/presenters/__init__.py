@@ -16,4 +16,8 @@ back through its ``on_done`` in the GUI thread.
 * :mod:`.analysis` -- Reconstruct, equivariance probes and metrics, with
   the model chosen without touching a running trainer.
 * :mod:`.settings` -- what is persisted between sessions.
+* :mod:`.inspector` -- the Solver Inspector: recorded solves, measurements,
+  diagnoses, replays and remedies.
+* :mod:`.divergence` -- the divergence alarm, pausing on it, and the built-in
+  divergence demonstration.
 """

@@ -11,22 +11,104 @@ The model is chosen in the GUI thread and resolved in the task thread:
 
 The input is the chosen slice of the opened scan (re-prepared when the model's
 image size differs from the displayed slices), or a phantom without a scan.
+
+Every task sets the model's solve settings from the settings dock first
+(:func:`use_settings`): a trained model's own solver / step values are
+overridden by the dock's, its fixed settings are refused (and listed), and the
+info panel says which settings the reconstruction used. A field the dock
+refused blocks the request (:func:`~workbench.presenters.config.refuse_invalid_settings`).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import numpy as np
 
-from workbench import backend
+from workbench import backend, inspection
 from workbench.panels.reconstructions_model import snapshot_from_result
+from workbench.presenters.config import (fixed_by_weights, flat_settings, format_setting, overridable,
+                                         refuse_invalid_settings)
 from workbench.presenters.events import PanelModels
-from workbench.presenters.run import RunPresenter
+from workbench.presenters.run import RECONSTRUCTION_PANELS, RunPresenter
 from workbench.state import WorkbenchState
 
 CURVE_ANGLES = tuple(range(0, 361, 15))
+#: the solve settings the info panel lists for a reconstruction, with their labels
+SHOWN_SETTINGS = (("solver.name", "solver"), ("solver.tol", "tol"), ("solver.max_iter", "max iter"),
+                  ("solver.memory", "memory"), ("solver.damping", "damping"), ("deq.stepsize", "stepsize"),
+                  ("deq.relaxation", "relaxation"))
+
+
+@dataclass(frozen=True)
+class ReconstructionSettings:
+    """What a reconstruction ran with: the live model's solve settings, where the model came from,
+    which dock settings overrode the model's own and which were refused (``key -> (own, asked)``)."""
+
+    used: dict
+    source: str
+    overridden: dict = field(default_factory=dict)
+    refused: dict = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: the solver, its tolerance and cap, and how many settings were overridden."""
+        used = self.used
+        text = (f"{used.get('solver.name')}, tol {format_setting(used.get('solver.tol'))}, "
+                f"max iter {used.get('solver.max_iter')}, stepsize {format_setting(used.get('deq.stepsize'))}")
+        if self.overridden:
+            text += f"; {len(self.overridden)} setting{'s' if len(self.overridden) > 1 else ''} overridden"
+        if self.refused:
+            text += f"; {len(self.refused)} not applied"
+        return text
+
+    def describe(self, solve: str = "") -> str:
+        """The info panel's lines: settings used, model source, overrides, refusals, the solve's outcome."""
+        lines = [", ".join(f"{label} {format_setting(self.used.get(key))}" for key, label in SHOWN_SETTINGS),
+                 f"model: {self.source}"]
+        if self.overridden:
+            lines.append("overridden from the settings: " + ", ".join(
+                f"{key} {format_setting(own)} \u2192 {format_setting(asked)}"
+                for key, (own, asked) in self.overridden.items()))
+        else:
+            lines.append("no settings overridden")
+        if self.refused:
+            lines.append("not applied (fixed by the trained weights; they apply to the next Train): " + ", ".join(
+                f"{key} {format_setting(asked)} (kept {format_setting(own)})"
+                for key, (own, asked) in self.refused.items()))
+        if solve:
+            lines.append(f"solve: {solve}")
+        return "\n".join(lines)
+
+
+def use_settings(loaded, config, source: str) -> ReconstructionSettings:
+    """Give ``loaded`` (a LoadedModel) the solve settings of ``config`` and say what it runs with (task thread).
+
+    Every overridable setting is applied, not only the changed ones, so a setting
+    edited back restores the model's own value on a model used before.
+    """
+    own, asked = flat_settings(loaded.config), flat_settings(config)
+    changes = {key: value for key, value in asked.items() if overridable(key)}
+    backend.apply_solve_settings(loaded, changes)
+    overridden = {key: (own.get(key), value) for key, value in changes.items() if own.get(key) != value}
+    refused = {key: (own.get(key), value) for key, value in asked.items()
+               if fixed_by_weights(key) and own.get(key) != value}
+    return ReconstructionSettings(backend.solve_settings(loaded), source, overridden, refused)
+
+
+def solve_outcome(record) -> str:
+    """How a solve ended, e.g. "anderson \u2192 fixed_point fallback, 51 iterations (max 40), converged"."""
+    cap = f" (max {record.max_iter})" if record.max_iter else ""
+    return f"{record.solver_label()}, {record.iterations} iterations{cap}, {record.reason.replace('_', ' ')}"
+
+
+class ModelRun(NamedTuple):
+    """A task's outcome on the model in use."""
+
+    result: Any
+    built: Any  # the model it built from the config, or None
+    settings: ReconstructionSettings
 
 
 class AnalysisView(Protocol):
@@ -35,6 +117,9 @@ class AnalysisView(Protocol):
     def show_equivariance(self, angle: float, result) -> None: ...
     def show_equivariance_curve(self, angles, errors) -> None: ...
     def equivariance_failed(self) -> None: ...
+    def show_reconstruction_settings(self, text: str) -> None: ...
+    def mark_stale(self, panels: tuple, note: str) -> None: ...
+    def show_invalid_setting(self, key: str) -> None: ...
     def set_status(self, text: str) -> None: ...
     def log_message(self, level: str, message: str) -> None: ...
     def report_error(self, title: str, message: Any, log: bool = True) -> None: ...
@@ -48,6 +133,7 @@ class AnalysisPresenter:
                  panels: PanelModels) -> None:
         self.view, self.state, self.tasks, self.run, self.panels = view, state, tasks, run, panels
         self.training_model = backend.TrainerModelView()  # used in the task thread only
+        self.last_refused: dict = {}  # the settings the latest reconstruction could not apply
 
     # -- the model and the input (captured in the GUI thread, resolved in the task thread) --------
     def _model_getter(self) -> Callable[[], tuple[Any, Any]]:
@@ -66,6 +152,15 @@ class AnalysisPresenter:
             return built, built
 
         return build
+
+    def _model_source(self) -> str:
+        """Where the model in use comes from, for the info panel (GUI thread)."""
+        if self.run.training_commands() is not None:
+            return "this session's training run" + (f" ({self.state.run_dir})" if self.state.run_dir else "")
+        if self.state.model is not None and self.state.model_source == "checkpoint":
+            return f"checkpoint {self.state.checkpoint_path}"
+        config = self.state.config
+        return f"config '{config.run.name}'" + (f" ({self.state.config_path})" if self.state.config_path else "")
 
     def _image_getter(self) -> Callable[[Any], np.ndarray]:
         scan, slices, index = self.state.scan, self.state.slices, self.state.slice_index
@@ -87,13 +182,15 @@ class AnalysisPresenter:
         if built is not None and self.state.model is None and not self.state.use_training_weights:
             self.state.set_model(built, "config")
 
-    def _on_model(self, compute: Callable[[Any, np.ndarray], Any]) -> Callable[[], tuple[Any, Any]]:
-        """A task computing ``compute(model, image)``; returns (its result, the model built or None)."""
+    def _on_model(self, compute: Callable[[Any, np.ndarray], Any]) -> Callable[[], ModelRun]:
+        """A task computing ``compute(model, image)`` with the dock's solve settings on the model."""
         get_model, get_image = self._model_getter(), self._image_getter()
+        config, source = self.state.config, self._model_source()
 
         def job():
             model, built = get_model()
-            return compute(model, get_image(model)), built
+            settings = use_settings(model, config, source)
+            return ModelRun(compute(model, get_image(model)), built, settings)
 
         return job
 
@@ -104,27 +201,38 @@ class AnalysisPresenter:
 
     def reconstruct(self, then: Optional[Callable] = None) -> None:
         """Reconstruct the current slice (or a phantom); ``then()`` runs after it is shown."""
+        if refuse_invalid_settings(self.view, self.state, "Reconstruct"):
+            return
         label = (f"slice {self.state.slice_index} of {os.path.basename(self.state.scan_path.rstrip('/'))}"
                  if self.state.scan_path else "phantom")
 
         def compute(model, image):
             snapshot, stats = snapshot_from_result(model.reconstruct(image[None]), f"Reconstruct: {label}")
             if stats is not None and hasattr(stats, "to_event"):  # numpy conversion off the GUI thread
-                stats = stats.to_event("forward", step=None, tag="reconstruct")
+                stats = inspection.reconstruction_event(model, stats, label)  # with its recording: inspectable
             return snapshot, stats
 
-        def done(outcome):
-            (snapshot, stats), built = outcome
-            self._keep_built(built)
+        def done(outcome: ModelRun):
+            (snapshot, stats), settings = outcome.result, outcome.settings
+            self._keep_built(outcome.built)
             self.panels.reconstructions.add(snapshot)
             self.view.refresh_images()
+            solve = ""
             if stats is not None:
                 try:
-                    self.panels.residuals.add(stats)
+                    record = self.panels.residuals.add(stats)
+                    solve = solve_outcome(record)
                 except Exception as exc:
                     self.view.log_message("warning", f"solver statistics of the reconstruction not shown: {exc}")
-            self.view.log_message("info", f"reconstructed {label}")
-            self.view.set_status(f"Reconstructed {label}")
+            self.view.mark_stale(RECONSTRUCTION_PANELS, "")
+            self.view.show_reconstruction_settings(settings.describe(solve))
+            self.view.log_message("info", f"reconstructed {label} ({settings.summary()})")
+            if settings.refused and settings.refused != self.last_refused:  # said once, not at every slice
+                self.view.log_message("warning", "Reconstruct did not apply " + ", ".join(settings.refused)
+                                      + ": a trained model's physics, network and fixed-point form are fixed by "
+                                        "its weights (they apply to the next Train)")
+            self.view.set_status(f"Reconstructed {label} ({settings.summary()})")
+            self.last_refused = settings.refused
             self.view.request_equivariance()
             if then:
                 then()
@@ -140,21 +248,31 @@ class AnalysisPresenter:
         self.view.equivariance_failed()
         self.view.report_error("Equivariance failed", exc)
 
+    def _probe_refused(self) -> bool:
+        if refuse_invalid_settings(self.view, self.state, "Equivariance"):
+            self.view.equivariance_failed()
+            return True
+        return False
+
     def equivariance(self, angle: float) -> None:
-        def done(outcome):
-            result, built = outcome
-            self._keep_built(built)
-            self.view.show_equivariance(angle, result)
+        if self._probe_refused():
+            return
+
+        def done(outcome: ModelRun):
+            self._keep_built(outcome.built)
+            self.view.show_equivariance(angle, outcome.result)
 
         self.tasks.submit(self._on_model(lambda model, image: model.equivariance(image, float(angle))), done,
                           self._equivariance_failed, name="equivariance", supersede=True)  # the latest angle wins
 
     def equivariance_curve(self) -> None:
+        if self._probe_refused():
+            return
         angles = np.asarray(CURVE_ANGLES, dtype=np.float64)
 
-        def done(outcome):
-            (curve_angles, errors), built = outcome
-            self._keep_built(built)
+        def done(outcome: ModelRun):
+            curve_angles, errors = outcome.result
+            self._keep_built(outcome.built)
             self.view.show_equivariance_curve(curve_angles, errors)
 
         self.tasks.submit(self._on_model(lambda model, image: model.equivariance_curve(image, angles)), done,

@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import numpy as np
 
-from engine.events import (CheckpointSaved, LogMessage, RunFailed, RunFinished, RunStarted, Snapshot,
+from engine.events import (CheckpointSaved, LogMessage, RunFailed, RunFinished, RunStarted, Snapshot, SolveAlarm,
                            SolveFinished, StabilityChecked, StepFinished, ValidationFinished)
 from engine.solver_names import DIVERGED, FAILURE_REASONS
 from workbench.panels.losses_model import LossesModel
@@ -40,6 +40,7 @@ class PanelModels:
 class EventView(Protocol):
     def log_message(self, level: str, message: str) -> None: ...
     def report_error(self, title: str, message: Any, log: bool = True) -> None: ...
+    def close_error(self, title: str) -> None: ...
     def set_status(self, text: str) -> None: ...
     def show_run(self, run_dir: Optional[str], note: str) -> None: ...
     def show_model_info(self, text: str) -> None: ...
@@ -54,6 +55,8 @@ class EventRouter:
         self.problem_logs = 0  # per run
         self.divergence_reported = False  # per run: one dialog, the rest in the log
         self.known_device = ""  # "CUDA: <name>" / "CPU", once the start-up probe has answered
+        self.batch_fails = False  # the batch routed now ends the run with a failure: its one message says it all
+        self.alarm_listeners: list[Callable[[SolveAlarm], None]] = []  # the Solver Inspector opens on an alarm
         self.routes: dict[type, Callable[[Any], None]] = {
             SolveFinished: self.solve_finished,
             StepFinished: self.step_finished,
@@ -63,11 +66,13 @@ class EventRouter:
             RunStarted: self.run_started,
             CheckpointSaved: self.checkpoint_saved,
             LogMessage: lambda ev: self.view.log_message(ev.level, ev.message),
-            RunFailed: lambda ev: self.view.report_error("Training failed", ev.message),
+            RunFailed: self.run_failed,
             RunFinished: self.run_finished,
+            SolveAlarm: self.solve_alarm,
         }
 
     def route_batch(self, batch: list) -> None:
+        self.batch_fails = any(isinstance(event, RunFailed) for event in batch)
         for event in batch:
             try:
                 self.route(event)
@@ -100,11 +105,25 @@ class EventRouter:
                                  + (f"; fallback {ev.fallback}" if ev.fallback else ""))
             if self.problem_logs == MAX_PROBLEM_LOGS:
                 self.view.log_message("warning", "further problem solves are listed in the residuals panel only")
-        if bad & FAILED_SOLVE and not self.divergence_reported:
+        if bad & FAILED_SOLVE and not self.divergence_reported and not self.batch_fails:
             self.divergence_reported = True
             what = "diverged" if DIVERGED in bad else "produced non-finite values"
             self.view.report_error("Diverged solve", f"The {ev.direction} solve at step {ev.step} {what}. "
                                                      "Training continues; see the Solver residuals panel.", log=False)
+
+    def solve_alarm(self, ev: SolveAlarm) -> None:
+        """A step failed on a solve: the residual panel flags it; the run may have paused itself."""
+        self.view.close_error("Diverged solve")  # one message per failure: the banner (and inspector) say it
+        self.panels.residuals.set_alarm(ev)
+        if ev.paused:
+            self.run.paused_by_run(f"step {ev.step}'s {ev.direction} solve {ev.stop_reason.replace('_', ' ')}")
+        for listener in list(self.alarm_listeners):
+            listener(ev)
+
+    def run_failed(self, ev: RunFailed) -> None:
+        """One message per failure: it replaces an earlier diverged-solve one ("training continues" no longer holds)."""
+        self.view.close_error("Diverged solve")
+        self.view.report_error("Training failed", ev.message)
 
     def step_finished(self, ev: StepFinished) -> None:
         self.panels.losses.add_step(ev)
@@ -135,4 +154,5 @@ class EventRouter:
         self.run.show_actions()
 
     def run_finished(self, ev: RunFinished) -> None:
+        self.panels.residuals.run_ended(ev.reason)
         self.view.log_message("info", f"run {ev.reason} at step {ev.step} ({self.run.seconds_running():.1f} s)")

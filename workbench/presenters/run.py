@@ -25,6 +25,7 @@ from enum import Enum
 from typing import Callable, Optional, Protocol
 
 from workbench import backend
+from workbench.presenters.config import refuse_invalid_settings
 from workbench.state import WorkbenchState
 
 CLOSE_GRACE_MS = 20000  # after this, close even if the engine has not come back (without killing it)
@@ -58,6 +59,10 @@ STOPPABLE = frozenset({RunPhase.STARTING, RunPhase.RUNNING, RunPhase.PAUSED})
 ITERATE_KEEPABLE = STOPPABLE | {RunPhase.STOPPING}  # a solve may be in progress, not yet asked to end
 RUN_IN_PROGRESS = ITERATE_KEEPABLE | {RunPhase.CLOSING}  # the training thread is busy
 END_STATUS = {"completed": "Training completed", "stopped": "Training stopped", "failed": "Training failed"}
+#: the docks a run fills; after a failed run their titles say they are stale until the next run
+RUN_PANELS = ("reconstructions", "residuals", "losses", "equivariance")
+#: the docks a reconstruction (and the equivariance probe it asks for) shows afresh
+RECONSTRUCTION_PANELS = ("reconstructions", "residuals", "equivariance")
 
 
 class RunLifecycle:
@@ -102,6 +107,9 @@ class RunView(Protocol):
     def set_settings_editable(self, editable: bool) -> None: ...
     def show_actions(self, actions: ActionStates) -> None: ...
     def show_model_info(self, text: str) -> None: ...
+    def mark_stale(self, panels: tuple, note: str) -> None: ...
+    def show_invalid_setting(self, key: str) -> None: ...
+    def report_error(self, title: str, message, log: bool = True) -> None: ...
     def refresh(self) -> None: ...
     def confirm(self, title: str, question: str) -> bool: ...
     def save_settings(self) -> None: ...
@@ -149,11 +157,15 @@ class RunPresenter:
         """Start a run on the current config (resuming the opened checkpoint); False if refused."""
         if not self.lifecycle.can(RunPhase.STARTING):
             return False
+        if refuse_invalid_settings(self.view, self.state, "Train"):
+            return False
         cfg = self.state.config
         resume = self.state.checkpoint_path if self.state.model_source == "checkpoint" else None
         run_dir = backend.new_run_dir(self.run_root, cfg.run.name) if self.run_root else None  # a safe name
         self.view.clear_panels()
+        self.view.mark_stale(RUN_PANELS, "")
         self.state.use_training_weights = True
+        self.state.run_config = cfg
         self.total_steps, self.last_step = int(cfg.optim.steps), 0
         self.view.set_progress(0, max(1, self.total_steps))
         self.started_at = self.clock()
@@ -179,6 +191,12 @@ class RunPresenter:
         else:
             return
         self.show_actions()
+
+    def paused_by_run(self, why: str) -> None:
+        """The run paused itself (a failed solve, ``RunControl.pause_on_divergence``): Resume / Stop as after Pause."""
+        if self.lifecycle.advance(RunPhase.PAUSED):
+            self.view.set_status(f"Paused: {why} (Resume to continue, Stop to end)")
+            self.show_actions()
 
     def stop(self) -> None:
         if self.lifecycle.advance(RunPhase.STOPPING):
@@ -216,6 +234,8 @@ class RunPresenter:
         self.view.set_status(END_STATUS.get(result, f"Training {result}"))
         if self.controller.commands is not None and result != "failed":
             self.view.show_model_info(f"trained in this session ({result} at step {self.last_step})")
+        if result == "failed" and not closing:  # what the panels show is the failed run's, up to its last step
+            self.view.mark_stale(RUN_PANELS, f"stale: run failed at step {self.last_step}")
         self.view.refresh()
         self.show_actions()
         for callback in list(self.on_run_ended):
