@@ -1,13 +1,14 @@
 """``equideq``: the headless command line, on the same engine as the workbench.
 
     equideq train --config FILE --out RUN_DIR [--resume CKPT] [--set KEY=VALUE ...]
-    equideq evaluate --checkpoint CKPT --data PATH [--json]
-    equideq reconstruct --checkpoint CKPT --input SCAN --output FILE
+    equideq evaluate --checkpoint CKPT --data PATH [--size native|N] [--json]
+    equideq reconstruct --checkpoint CKPT --input SCAN --output FILE [--size native|N]
     equideq demo [--out RUN_DIR]
     equideq check-gradients [--json]
     equideq diagnose [--checkpoint CKPT] [--input SCAN] [--solver NAME] [--make-it-diverge] [--json]
     equideq pretrain --config FILE --output WEIGHTS [--steps N]
     equideq configs
+    equideq --version
 
 Every user-caused failure (bad file, bad config, mismatched checkpoint,
 diverged run, a file-system refusal) ends with one line ``error: ...`` on
@@ -151,52 +152,138 @@ def cmd_train(args) -> int:
 
 
 def _scan_images(path: str, size: int, window=None, scan=None):
-    from engine.data import load_scan, prepare_slices
+    """(image slices [N, size, size] in [0, 1], the first scan) of a scan file or folder (see :func:`_load_inputs`)."""
+    scans = [scan] if scan is not None else _load_inputs(path)
+    return _prepared(scans, size, window), scans[0]
+
+
+def _load_inputs(path: str) -> list:
+    """The scans in ``path``: one for a file or a DICOM series folder, one per file of a folder of scan files."""
+    from engine.data import load_scan
     from engine.errors import ScanError
 
     target = Path(path)
     if target.is_dir() and not any(p.suffix.lower() == ".dcm" or p.suffix == "" for p in target.iterdir()):
-        stacks, scans = [], []
-        for item in sorted(target.iterdir()):
-            if item.is_file():
-                scan = load_scan(item)
-                stacks.append(prepare_slices(scan, size, window=window))
-                scans.append(scan)
-        if not stacks:
+        scans = [load_scan(item) for item in sorted(target.iterdir()) if item.is_file()]
+        if not scans:
             raise ScanError(f"{path}: no scan files found")
-        import numpy as np
-
-        return np.concatenate(stacks), scans[0]
-    scan = scan if scan is not None else load_scan(target)
-    return prepare_slices(scan, size, window=window), scan
+        return scans
+    return [load_scan(target)]
 
 
-def _measured_input(path: str, loaded):
-    """(Measurements or None, Scan or None): the measurements when ``path`` is a file of raw
-    measurements (k-space / sinogram); the loaded scan of any other file (None for folders)."""
+def _prepared(scans: list, size: int, window=None):
+    import numpy as np
+
+    from engine.data import prepare_slices
+
+    stacks = [prepare_slices(scan, size, window=window) for scan in scans]
+    return stacks[0] if len(stacks) == 1 else np.concatenate(stacks)
+
+
+def _size_range() -> tuple[int, int]:
+    """The image sides the engine reconstructs: physics.img_size's range."""
+    from dataclasses import fields
+
+    from engine.config import PhysicsConfig
+
+    meta = next(f.metadata for f in fields(PhysicsConfig) if f.name == "img_size")
+    return int(meta["min"]), int(meta["max"])
+
+
+def _size_option(text: str):
+    """``--size``: ``native`` or a number of pixels."""
+    if text.strip().lower() == "native":
+        return "native"
+    try:
+        size = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'native' or a number of pixels, got {text!r}") from None
+    low, high = _size_range()
+    if not low <= size <= high:
+        raise argparse.ArgumentTypeError(f"must be {low}..{high} pixels, got {size}")
+    return size
+
+
+def _image_size(scans: list, choice, model_size: int) -> int:
+    """The side to reconstruct image scans at: the model's (no ``--size``), a number, or the scans' own."""
+    from engine.data import native_size
+    from engine.errors import ScanError
+
+    if choice is None:
+        return model_size
+    if choice != "native":
+        return int(choice)
+    sizes = sorted({native_size(scan) for scan in scans})
+    if len(sizes) > 1:
+        raise ScanError(f"--size native: the scans have different sizes ({', '.join(map(str, sizes))} px); "
+                        "give --size N")
+    size, (low, high) = sizes[0], _size_range()
+    if not low <= size <= high:
+        raise ScanError(f"{Path(scans[0].source).name}: --size native is {size} px, outside the "
+                        f"{low}..{high} px the engine reconstructs; give --size N")
+    return size
+
+
+def _modality_notes(scans: list, loaded, force: bool) -> list:
+    """Notes for scans whose modality is unknown; ScanError for one of another modality unless ``force``."""
+    from engine.errors import ScanError
+    from engine.inference import check_modality
+
+    owner = f"checkpoint {Path(loaded.source).name}"
+    notes = []
+    for scan in scans:
+        check = check_modality(scan, loaded.modality, owner)
+        if check.relation == "different" and not force:
+            raise ScanError(f"{check.message}; use a model of that modality, or pass --force-modality to "
+                            "reconstruct it anyway")
+        if check.message:
+            notes.append(check.message + (" (--force-modality)" if check.relation == "different" else ""))
+    return list(dict.fromkeys(notes))
+
+
+def _print_notes(notes) -> None:
+    for note in dict.fromkeys(notes):
+        print(f"note: {note}", file=sys.stderr)
+
+
+def _measured_input(path: str, loaded, size_choice=None):
+    """(Measurements or None, Scan or None, the model at their size): the measurements when ``path`` is a file of
+    raw measurements (k-space / sinogram), at the size ``--size`` asks for (:func:`engine.measured.measured_image_size`);
+    the loaded scan of any other file (None for folders) and ``loaded`` itself."""
     from engine.data import load_scan
     from engine.data.measurements import MEASUREMENT_KINDS
-    from engine.measured import measurements_from_scan
+    from engine.measured import check_measurement_kind, measured_image_size, measurements_from_scan
 
     target = Path(path)
     if not target.is_file():
-        return None, None
+        return None, None, loaded
     scan = load_scan(target)
     if scan.kind not in MEASUREMENT_KINDS:
-        return None, scan
+        return None, scan, loaded
     owner = f"checkpoint {Path(loaded.source).name}"
-    return measurements_from_scan(scan, loaded.config.physics, owner=owner), scan
+    check_measurement_kind(scan, loaded.config.physics, owner)
+    if size_choice is not None:
+        loaded = loaded.at_size(measured_image_size(scan, loaded.config.physics,
+                                                    None if size_choice == "native" else size_choice))
+    return measurements_from_scan(scan, loaded.config.physics, owner=owner), scan, loaded
 
 
 def cmd_evaluate(args) -> int:
     from engine.inference import load_model
 
     loaded = load_model(args.checkpoint)
-    source, scan = _measured_input(args.data, loaded)  # measured data, or images to simulate y from
+    # measured data, or images to simulate y from
+    source, scan, loaded = _measured_input(args.data, loaded, args.size)
+    notes = []
     if source is None:
-        source, _ = _scan_images(args.data, loaded.size, window=list(loaded.config.data.window) or None, scan=scan)
+        scans = [scan] if scan is not None else _load_inputs(args.data)
+        notes = _modality_notes(scans, loaded, args.force_modality)
+        loaded = loaded.at_size(_image_size(scans, args.size, loaded.size))
+        source = _prepared(scans, loaded.size, window=list(loaded.config.data.window) or None)
     result = loaded.evaluate(source, seed=args.seed).to_dict()
-    if args.json:
+    result["image_size"] = loaded.size
+    if args.json:  # stdout is the one JSON object, and the notes are in it
+        result["notes"] = list(dict.fromkeys(list(result.get("notes", [])) + notes))
         print(json.dumps(result))
         return 0
     m, b = result["model"], result["baseline"]
@@ -204,7 +291,7 @@ def cmd_evaluate(args) -> int:
         print(f"{result['images']} measured slice(s) from {args.data}, no reference images: "
               "measurement-domain metrics (PSNR of A x against the measured y)")
     else:
-        print(f"{result['images']} image(s) from {args.data}")
+        print(f"{result['images']} image(s) from {args.data} at {loaded.size}x{loaded.size}")
     print(f"{'':12s} {'PSNR (dB)':>10s} {'SSIM':>8s}")
     print(f"{'DEQ':12s} {m['psnr']:10.2f} {m['ssim']:8.4f}")
     print(f"{b['method']:12s} {b['psnr']:10.2f} {b['ssim']:8.4f}")
@@ -212,6 +299,7 @@ def cmd_evaluate(args) -> int:
           f"operator at fixed point {result['operator_equivariance_error']:.3e}")
     for note in result.get("notes", []):
         print(f"note: {note}")
+    _print_notes(notes)
     return 0
 
 
@@ -223,6 +311,7 @@ def _check_slice(index: int, count: int) -> None:
 
 
 def cmd_reconstruct(args) -> int:
+    from engine.data import scan_hu_window, to_hu
     from engine.export import export_image
     from engine.inference import load_model
     from engine.outputs import check_output_file
@@ -230,30 +319,44 @@ def cmd_reconstruct(args) -> int:
     check_output_file(args.output, [args.input, args.checkpoint], overwrite=args.overwrite)
     loaded = load_model(args.checkpoint)
     description = f"EquiDEQ DEQ reconstruction ({loaded.config.deq.gradient})"
-    meas, scan = _measured_input(args.input, loaded)
+    meas, scan, loaded = _measured_input(args.input, loaded, args.size)
+    notes, source_slice = [], None
     if meas is not None:  # reconstruct from the stored measurements, not simulated ones
         index = args.slice if args.slice is not None else len(meas) // 2
         _check_slice(index, len(meas))
         result = loaded.reconstruct(meas, indices=[index])
         description += " from measured data"
+        image, units, window = result.reconstruction[0], "normalised", (0.0, 1.0)
     else:  # y simulated from the one slice, seeded
-        images, scan = _scan_images(args.input, loaded.size, window=list(loaded.config.data.window) or None,
-                                    scan=scan)
+        scans = [scan] if scan is not None else _load_inputs(args.input)
+        notes = _modality_notes(scans, loaded, args.force_modality)
+        loaded = loaded.at_size(_image_size(scans, args.size, loaded.size))
+        intensity_window = list(loaded.config.data.window) or None
+        images = _prepared(scans, loaded.size, window=intensity_window)
         index = args.slice if args.slice is not None else images.shape[0] // 2
         _check_slice(index, images.shape[0])
         result = loaded.reconstruct(images[index:index + 1])
-    export_image(result.reconstruction[0], args.output, window=(0.0, 1.0), source_scan=scan,
+        scan = scans[0]
+        source_slice = index if len(scans) == 1 else None  # a slice of one scan: its geometry and UIDs
+        hu_window = scan_hu_window(scan, intensity_window)
+        if hu_window is not None:  # back to Hounsfield units through the window that made [0, 1]
+            image, units, window = to_hu(result.reconstruction[0], hu_window), "HU", hu_window
+        else:
+            image, units, window = result.reconstruction[0], "normalised", (0.0, 1.0)
+    export_image(image, args.output, window=window, source_scan=scan, source_slice=source_slice, units=units,
                  description=description, checkpoint_name=Path(args.checkpoint).name)
+    size = f"{loaded.size}x{loaded.size}"
     if meas is not None:
         kind = "PSNR" if result.domain == "image" else "measurement-domain PSNR"
-        print(f"slice {index} (measured): {kind} {float(result.psnr[0]):.2f} dB "
+        print(f"slice {index} (measured) at {size}: {kind} {float(result.psnr[0]):.2f} dB "
               f"(baseline {float(result.baseline_psnr[0]):.2f} dB), residual ||Ax - y||/||y|| "
               f"{float(result.residual[0]):.3g} -> {args.output}")
         for note in dict.fromkeys(meas.notes):
             print(f"note: {note}")
     else:
-        print(f"slice {index}: PSNR {float(result.psnr[0]):.2f} dB "
-              f"(baseline {float(result.baseline_psnr[0]):.2f} dB) -> {args.output}")
+        print(f"slice {index} at {size}: PSNR {float(result.psnr[0]):.2f} dB "
+              f"(baseline {float(result.baseline_psnr[0]):.2f} dB) -> {args.output} ({units})")
+    _print_notes(notes)
     return 0
 
 
@@ -281,7 +384,7 @@ def cmd_diagnose(args) -> int:
         config = config.replace(**changes) if changes else config
         loaded = model_from_config(config)
     if args.input:
-        meas, scan = _measured_input(args.input, loaded)
+        meas, scan, _ = _measured_input(args.input, loaded)
         if meas is not None:
             index = args.slice if args.slice is not None else len(meas) // 2
             _check_slice(index, len(meas))
@@ -339,7 +442,7 @@ def cmd_demo(args) -> int:
     if real is not None:
         print(f"\nevaluating on a real CT slice it never saw: {real}")
         return cmd_evaluate(argparse.Namespace(checkpoint=str(Path(out) / "last.pt"), data=str(real), json=False,
-                                               seed=0))
+                                               seed=0, size=None, force_modality=False))
     return 0
 
 
@@ -390,10 +493,31 @@ def cmd_configs(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from engine import __version__
+
+    return __version__
+
+
+def _add_size_options(p) -> None:
+    p.add_argument("--size", type=_size_option, metavar="native|N",
+                   help="image side to reconstruct at: 'native' (the scan's own: the longer side of its slices; "
+                        "a sinogram's or k-space's measured grid) or N pixels, with the operator built for it "
+                        "(the network is convolutional and runs at any size). Default: the model's training size. "
+                        "Measurements fix their size: a sinogram allows only its own, k-space its own or smaller")
+    p.add_argument("--force-modality", action="store_true",
+                   help="use an image scan whose file says another modality than the model's (an MR image into "
+                        "a CT model): refused without this, since measurements simulated from it would not be of "
+                        "anything measured. A file that does not say its modality (NumPy, PNG, most NIfTI) is "
+                        "taken as the model's, with a note on stderr (in the JSON's notes with --json)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="equideq", description="EquiDEQ: self-supervised DEQ reconstruction "
                                      "for sparse-view CT and accelerated MRI.")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: cores - 1)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a DEQ from a config")
@@ -412,15 +536,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="scan file or folder of scans")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated measurement noise")
+    _add_size_options(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("reconstruct", help="reconstruct a scan slice and write it (.npy/.png/.h5/.dcm); "
                                            "k-space/sinogram files from their stored measurements")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--input", required=True)
-    p.add_argument("--output", required=True, help="image file (.npy .png .h5 .dcm); never the input")
+    p.add_argument("--output", required=True, help="image file (.npy .npz .png .h5 .dcm; in HU for a CT scan in HU, "
+                                                    "else the model's [0, 1] scale); never the input")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--slice", type=int, help="slice index (default: the middle one)")
+    _add_size_options(p)
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("demo", help="a short self-supervised CT run on phantoms, evaluated on a real CT slice")

@@ -47,7 +47,7 @@ import weakref
 import torch
 
 from engine.config import FIDELITIES, resolve_fidelity  # the choice is config-level, torch-free
-from engine.linalg import largest_eigenvalue
+from engine.linalg import largest_eigenvalue, normalisation_rtol
 
 __all__ = ["FIDELITIES", "RAMP_FLOOR", "L2Fidelity", "RampFilteredL2", "build_fidelity", "resolve_fidelity"]
 
@@ -117,7 +117,7 @@ class RampFilteredL2:
         return physics.A_adjoint(self.weight(physics.A(x) - y))
 
     def lipschitz(self, physics, like: torch.Tensor) -> float:
-        """``||A^T W A||`` by power iteration (seeded start), cached per geometry.
+        """``||A^T W A||`` by power iteration (seeded start; above 256x256 until settled), cached per geometry.
 
         Called at every F evaluation, so the value is also remembered per physics
         object: the geometry key reads the angles back from the device.
@@ -135,7 +135,7 @@ class RampFilteredL2:
             start = torch.randn(1, 1, width, width, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             start = (start / start.norm()).to(device=like.device, dtype=like.dtype)
             _RAMP_LIPSCHITZ[key] = largest_eigenvalue(lambda v: physics.A_adjoint(self.weight(physics.A(v))),
-                                                      start, LIPSCHITZ_ITERS)
+                                                      start, LIPSCHITZ_ITERS, normalisation_rtol(width * width))
         self._by_physics[physics] = _RAMP_LIPSCHITZ[key]
         return _RAMP_LIPSCHITZ[key]
 

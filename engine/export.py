@@ -6,9 +6,14 @@
     8-bit (default) or 16-bit grayscale with the display window applied
     (``window=(low, high)`` in the image's units, default its min..max):
     ``low`` maps to black, ``high`` to white, values outside are clipped. The
-    window, description and checkpoint go into PNG text chunks.
+    window, its units, description and checkpoint go into PNG text chunks.
 ``.npy``
-    The raw values as float32 ``[H, W]``.
+    The raw values as float32 ``[H, W]`` (the format has no room for their
+    units: HU for a CT scan in HU, see ``units`` below; ``.npz`` records them).
+``.npz``
+    Arrays ``reconstruction`` (float32 ``[H, W]``), ``units``, ``window``
+    (``[low, high]``), ``description``, ``checkpoint``, ``source`` (strings
+    stored as NumPy text, so ``np.load`` reads them without pickle).
 ``.h5`` / ``.hdf5``
     Dataset ``reconstruction`` (float32 ``[H, W]``) with attributes
     ``description``, ``checkpoint``, ``window`` (``[low, high]``, the display
@@ -24,8 +29,19 @@
     that ``pixel_array * slope + intercept`` gives back the values within half
     a quantisation step (``slope / 2``); slope and intercept are rounded to
     what a DICOM decimal string holds *before* quantising, so the bound holds
-    for the values as written. Explicit VR little endian, with the file meta
+    for the values as written; RescaleType ``HU`` when ``units`` is HU (the
+    stored values read back in Hounsfield units), else ``US``. From a DICOM
+    source slice (``source_slice``) it keeps the geometry -- PixelSpacing and
+    ImagePositionPatient of the reconstruction's own pixel grid
+    (:func:`engine.data.intensity.resampled_grid`), ImageOrientationPatient,
+    SliceThickness, FrameOfReferenceUID -- and names the slice it was made from
+    (SOPClassUID, SOPInstanceUID, frame) in SourceImageSequence and
+    ReferencedImageSequence. Explicit VR little endian, with the file meta
     header, so ``pydicom.dcmread`` reads it without ``force``.
+
+``units`` says what the image's values are ("HU", "normalised" for a ``[0, 1]``
+reconstruction of a scan not in HU, ...); by default the source scan's. PNG,
+NumPy archive and HDF5 record it with the window, which is in those units.
 
 All writes go through :func:`engine.atomic.atomic_write` (temporary file in the
 same folder, ``fsync``, then ``os.replace``). Failures raise
@@ -45,30 +61,32 @@ import numpy as np
 
 import engine
 from engine.atomic import atomic_write
-from engine.data.intensity import window_bounds
+from engine.data.intensity import resampled_grid, window_bounds
 from engine.errors import ScanError
 
 __all__ = ["export_image", "quantise_uint16", "EXPORT_SUFFIXES"]
 
 #: Extensions :func:`export_image` writes.
-EXPORT_SUFFIXES = (".png", ".npy", ".h5", ".hdf5", ".dcm")
+EXPORT_SUFFIXES = (".png", ".npy", ".npz", ".h5", ".hdf5", ".dcm")
 
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _U16_MAX = 65535
 
 
 def export_image(image: Any, path: str | os.PathLike, *, window: Optional[tuple[float, float]] = None,
-                 source_scan: Any = None, description: str = "", checkpoint_name: str = "",
-                 bit_depth: int = 8) -> Path:
+                 source_scan: Any = None, source_slice: Optional[int] = None, units: Optional[str] = None,
+                 description: str = "", checkpoint_name: str = "", bit_depth: int = 8) -> Path:
     """Write one reconstructed slice ``image`` ([H, W], real) to ``path``; returns the path.
 
     ``window`` is the display window ``(low, high)`` in the image's units
     (default: the image's min..max); it is applied to PNGs and recorded in
-    HDF5 attributes and DICOM WindowCenter/Width. ``source_scan`` is the scan
-    the slice was reconstructed from (an :class:`engine.data.scans.Scan` or
-    anything with ``.metadata`` / ``.source``; may be None): DICOM export keeps
-    its study and patient. ``description`` names the method,
-    ``checkpoint_name`` the weights. ``bit_depth`` (8 or 16) is for PNG.
+    PNG text, NumPy archive, HDF5 attributes and DICOM WindowCenter/Width.
+    ``units`` names those units (default: ``source_scan``'s). ``source_scan``
+    is the scan the slice was reconstructed from (an :class:`engine.data.scans.Scan`
+    or anything with ``.metadata`` / ``.source``; may be None): DICOM export
+    keeps its study and patient, and with ``source_slice`` (the slice's index
+    in the scan) that slice's geometry and UIDs. ``description`` names the
+    method, ``checkpoint_name`` the weights. ``bit_depth`` (8 or 16) is for PNG.
 
     Leading singleton axes are dropped (``[1, 1, H, W]`` is fine) and torch
     tensors are accepted. Raises :class:`ScanError` for an unknown extension,
@@ -78,22 +96,28 @@ def export_image(image: Any, path: str | os.PathLike, *, window: Optional[tuple[
     suffix = path.suffix.lower()
     if suffix not in EXPORT_SUFFIXES:
         shown = suffix or "(no extension)"
-        raise ScanError(f"{path.name}: cannot export to '{shown}'; use .png, .npy, .h5/.hdf5 or .dcm")
+        raise ScanError(f"{path.name}: cannot export to '{shown}'; use .png, .npy, .npz, .h5/.hdf5 or .dcm")
     img = _as_image(image, path.name)
     low, high = _window(img, window, path.name)
     if bit_depth not in (8, 16):
         raise ScanError(f"{path.name}: PNG bit depth must be 8 or 16, got {bit_depth}")
+    if units is None:
+        units = _source_info(source_scan)[2]
+    if source_slice is not None:
+        _check_source_slice(source_scan, source_slice, path.name)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path) as fh:
             if suffix == ".png":
-                _write_png(img, fh, low, high, bit_depth, description, checkpoint_name)
+                _write_png(img, fh, low, high, bit_depth, description, checkpoint_name, units)
             elif suffix == ".npy":
                 np.save(fh, img.astype(np.float32), allow_pickle=False)
+            elif suffix == ".npz":
+                _write_npz(img, fh, low, high, source_scan, description, checkpoint_name, units)
             elif suffix in (".h5", ".hdf5"):
-                _write_hdf5(img, fh, low, high, source_scan, description, checkpoint_name)
+                _write_hdf5(img, fh, low, high, source_scan, description, checkpoint_name, units)
             else:
-                _write_dicom(img, fh, low, high, source_scan, description, checkpoint_name)
+                _write_dicom(img, fh, low, high, source_scan, source_slice, description, checkpoint_name, units)
     except OSError as exc:
         raise ScanError(f"cannot write {path}: {exc.strerror or exc}") from None
     return path
@@ -130,6 +154,17 @@ def _window(img: np.ndarray, window, name: str) -> tuple[float, float]:
     return window_bounds(window, f"{name}: window", ScanError)
 
 
+def _check_source_slice(source_scan: Any, index: Any, name: str) -> None:
+    count = None
+    try:
+        count = int(source_scan.n_slices)
+    except Exception:
+        pass
+    if not isinstance(index, (int, np.integer)) or count is None or not 0 <= int(index) < count:
+        where = f"0..{count - 1}" if count else "a scan with slices"
+        raise ScanError(f"{name}: source slice {index!r} is not a slice of the source scan ({where})")
+
+
 def _source_info(source_scan: Any) -> tuple[dict, str, str, str]:
     """(metadata, source path, units, modality) of a Scan-like object, tolerant of missing attributes."""
     if source_scan is None:
@@ -144,7 +179,7 @@ def _source_info(source_scan: Any) -> tuple[dict, str, str, str]:
 # PNG / HDF5
 # ---------------------------------------------------------------------------------------
 
-def _write_png(img, fh, low, high, bit_depth, description, checkpoint_name) -> None:
+def _write_png(img, fh, low, high, bit_depth, description, checkpoint_name, units) -> None:
     from PIL import Image, PngImagePlugin
 
     top = 255 if bit_depth == 8 else _U16_MAX
@@ -153,6 +188,8 @@ def _write_png(img, fh, low, high, bit_depth, description, checkpoint_name) -> N
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", f"EquiDEQ Workbench {engine.__version__}")
     info.add_text("Window", f"{low!r} {high!r}")
+    if units:
+        info.add_text("Units", units)  # of the window: e.g. HU, so black is `low` HU
     if description:
         info.add_itxt("Description", description)
     if checkpoint_name:
@@ -160,10 +197,18 @@ def _write_png(img, fh, low, high, bit_depth, description, checkpoint_name) -> N
     Image.fromarray(pixels).save(fh, format="PNG", pnginfo=info)
 
 
-def _write_hdf5(img, fh, low, high, source_scan, description, checkpoint_name) -> None:
+def _write_npz(img, fh, low, high, source_scan, description, checkpoint_name, units) -> None:
+    source = _source_info(source_scan)[1]
+    np.savez(fh, reconstruction=img.astype(np.float32), units=np.array(units or ""),
+             window=np.array([low, high], dtype=np.float64), description=np.array(description),
+             checkpoint=np.array(checkpoint_name), source=np.array(source),
+             software=np.array(f"EquiDEQ Workbench {engine.__version__}"))
+
+
+def _write_hdf5(img, fh, low, high, source_scan, description, checkpoint_name, units) -> None:
     import h5py
 
-    _meta, source, units, _modality = _source_info(source_scan)
+    source = _source_info(source_scan)[1]
     with h5py.File(fh, "w") as f:
         dset = f.create_dataset("reconstruction", data=img.astype(np.float32))
         dset.attrs["description"] = description
@@ -171,7 +216,7 @@ def _write_hdf5(img, fh, low, high, source_scan, description, checkpoint_name) -
         dset.attrs["window"] = np.array([low, high], dtype=np.float64)
         dset.attrs["software"] = f"EquiDEQ Workbench {engine.__version__}"
         dset.attrs["source"] = source
-        dset.attrs["units"] = units
+        dset.attrs["units"] = units or ""
 
 
 # ---------------------------------------------------------------------------------------
@@ -213,12 +258,12 @@ def _text(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
-def _write_dicom(img, fh, low, high, source_scan, description, checkpoint_name) -> None:
+def _write_dicom(img, fh, low, high, source_scan, source_slice, description, checkpoint_name, units) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import (ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, SecondaryCaptureImageStorage,
                              generate_uid)
 
-    meta, source, units, modality = _source_info(source_scan)
+    meta, source, _source_units, modality = _source_info(source_scan)
     now = _dt.datetime.now()
     date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     sop_uid = generate_uid()
@@ -298,24 +343,96 @@ def _write_dicom(img, fh, low, high, source_scan, description, checkpoint_name) 
     ds.RescaleType = "HU" if units == "HU" else "US"
     ds.WindowCenter = _ds((low + high) / 2)[0]
     ds.WindowWidth = _ds(high - low)[0]
-    spacing = _pixel_spacing(source_scan, img.shape)
-    if spacing is not None:
-        ds.PixelSpacing = [_ds(s)[0] for s in spacing]
+
+    # Where the pixels are: the source slice's plane, on the reconstruction's own pixel grid.
+    geometry = _slice_geometry(source_scan, source_slice, img.shape)
+    if "spacing" in geometry:
+        ds.PixelSpacing = [_ds(s)[0] for s in geometry["spacing"]]
+    if "position" in geometry:
+        ds.ImagePositionPatient = [_ds(v)[0] for v in geometry["position"]]
+        ds.ImageOrientationPatient = [_ds(v)[0] for v in geometry["orientation"]]
+    thickness = _positive_number(meta.get("SliceThickness", ""))
+    if source_slice is not None and thickness is not None:
+        ds.SliceThickness = _ds(thickness)[0]
+    frame_uid = str(getattr(source_scan, "frame_of_reference_uid", "") or "")
+    if "position" in geometry and _UID_RE.match(frame_uid) and len(frame_uid) <= 64:
+        ds.FrameOfReferenceUID = frame_uid
+        ds.PositionReferenceIndicator = ""
+
+    # Lineage: the source slice this image was derived from.
+    origin = _source_image(source_scan, source_slice)
+    if origin is not None:
+        ds.SourceImageSequence = [_image_reference(origin)]
+        ds.ReferencedImageSequence = [_image_reference(origin)]
 
     ds.save_as(fh, enforce_file_format=True)
 
 
-def _pixel_spacing(source_scan: Any, shape: tuple[int, int]) -> Optional[tuple[float, float]]:
-    """The source's pixel spacing, rescaled if the reconstruction has another size; None if unknown."""
-    spacing = getattr(source_scan, "spacing", None) if source_scan is not None else None
-    if not spacing or len(spacing) != 2:
-        return None
+def _positive_number(text: str) -> Optional[float]:
+    """``text`` as a finite positive float, else None."""
     try:
-        rows, cols = (float(s) for s in spacing)
-        src_h, src_w = source_scan.slice_shape if getattr(source_scan, "kind", "image") in ("image", "kspace") \
-            else shape
+        value = float(text)
+    except ValueError:
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _source_image(source_scan: Any, source_slice: Optional[int]):
+    """The :class:`engine.data.scans.SourceImage` of the source slice, or None (not DICOM, no UIDs)."""
+    if source_scan is None or source_slice is None:
+        return None
+    sources = getattr(source_scan, "source_images", None) or []
+    origin = sources[source_slice] if 0 <= source_slice < len(sources) else None
+    if origin is None or not all(_UID_RE.match(u) and len(u) <= 64
+                                 for u in (origin.sop_class_uid, origin.sop_instance_uid)):
+        return None
+    return origin
+
+
+def _image_reference(origin):
+    """One item of SourceImageSequence / ReferencedImageSequence naming ``origin``."""
+    from pydicom.dataset import Dataset
+
+    item = Dataset()
+    item.ReferencedSOPClassUID = origin.sop_class_uid
+    item.ReferencedSOPInstanceUID = origin.sop_instance_uid
+    if origin.frame is not None:
+        item.ReferencedFrameNumber = int(origin.frame)
+    return item
+
+
+def _slice_geometry(source_scan: Any, source_slice: Optional[int], shape: tuple[int, int]) -> dict:
+    """``spacing`` (row, col) mm of the output pixels, and with a source slice that has a position,
+    its ``position`` (the first output pixel's centre, patient mm) and ``orientation``; what is unknown is left out.
+
+    Image scans were squared and resized by :func:`engine.data.prepare_slices`
+    (:func:`~engine.data.intensity.resampled_grid` says where each output pixel
+    lies in the source slice); k-space scans were centre-cropped in k-space
+    (same field of view, each axis sampled ``H / h`` times coarser).
+    """
+    spacing = getattr(source_scan, "spacing", None) if source_scan is not None else None
+    try:
+        row_mm, col_mm = (float(s) for s in spacing)
+        src_shape = tuple(int(s) for s in source_scan.slice_shape)
     except Exception:
-        return None
-    if not (rows > 0 and cols > 0):
-        return None
-    return rows * src_h / shape[0], cols * src_w / shape[1]
+        return {}
+    if not (row_mm > 0 and col_mm > 0):
+        return {}
+    if getattr(source_scan, "kind", "image") != "image":
+        if getattr(source_scan, "kind", "") != "kspace":
+            return {}
+        return {"spacing": (row_mm * src_shape[0] / shape[0], col_mm * src_shape[1] / shape[1])}
+    if shape[0] != shape[1]:
+        return {"spacing": (row_mm * src_shape[0] / shape[0], col_mm * src_shape[1] / shape[1])}
+    row0, col0, step = resampled_grid(src_shape, shape[0])
+    out = {"spacing": (row_mm * step, col_mm * step)}
+    positions = getattr(source_scan, "positions", None) or []
+    orientation = getattr(source_scan, "orientation", None)
+    position = positions[source_slice] if source_slice is not None and 0 <= source_slice < len(positions) else None
+    if position is None or orientation is None or len(orientation) != 6:
+        return out
+    along_row, along_col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+    # ImageOrientationPatient: first the direction of increasing column index, then of increasing row index
+    first = np.asarray(position, float) + col0 * col_mm * along_row + row0 * row_mm * along_col
+    out.update(position=tuple(float(v) for v in first), orientation=tuple(float(v) for v in orientation))
+    return out

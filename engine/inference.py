@@ -11,11 +11,22 @@ the data's own mask / angles (:meth:`LoadedModel.load_measurements`,
 measurement-domain ones (``domain = "measurement"``: PSNR of ``A x`` against
 ``y``, SSIM NaN). Reconstruction and evaluation themselves are
 :mod:`engine.evaluation`'s, the one path every caller shares.
+
+Other sizes: the denoiser is convolutional and applies at any resolution, so
+:meth:`LoadedModel.at_size` gives the same network with the operator built
+for another image size (a scan's own, say). Raw measurements fix their size
+(:func:`engine.measured.measured_image_size` says which, and why another is
+refused).
+
+Modality: :func:`check_modality` says whether an image scan's modality (from
+its file) is the model's, unknown, or a different one -- simulating a CT
+sinogram of an MR image is no reconstruction of anything, so callers refuse
+that unless asked, and say so when the file does not tell.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -43,6 +54,8 @@ class LoadedModel:
     device: torch.device
     source: str = "default"
     checkpoint: Optional[Checkpoint] = field(default=None, repr=False)
+    #: this model at every size asked for (:meth:`at_size`), shared by all of them
+    _by_size: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def modality(self) -> str:
@@ -51,6 +64,25 @@ class LoadedModel:
     @property
     def size(self) -> int:
         return self.config.physics.img_size
+
+    def at_size(self, size: int) -> "LoadedModel":
+        """This model reconstructing ``size x size`` images: the same network, the operator built for that size.
+
+        The network (and its weights) is shared, not copied: a weight change
+        shows at every size. The physics is the config's at ``physics.img_size =
+        size`` (CT: the same views over a finer or coarser grid; MRI: the mask
+        drawn for that size with the same acceleration, centre and seed), built
+        once per size and kept (a 512x512 / 60-view CT operator takes ~0.8 GB).
+        Sizes outside 8..1024 are refused (ConfigError naming physics.img_size).
+        """
+        size = int(size)
+        if size == self.size:
+            return self
+        self._by_size.setdefault(self.size, self)
+        if size not in self._by_size:
+            config = self.config.replace(**{"physics.img_size": size})
+            self._by_size[size] = replace(self, config=config, physics=_model_physics(config, self.device))
+        return self._by_size[size]
 
     # -- tensors ---------------------------------------------------------------------------
     def images_to_tensor(self, images: np.ndarray) -> torch.Tensor:
@@ -146,10 +178,65 @@ def model_from_config(config: ExperimentConfig, device: Optional[str] = None, *,
     """
     config = config.validate()
     dev = torch.device(device) if device else resolve_device(config.run.device)
-    physics = build_physics(config.physics, dev, rng=torch.Generator(device=dev).manual_seed(config.data.seed))
-    physics.noise_model.rng = None
+    physics = _model_physics(config, dev)
     model = build_model(config, dev, load_weights=load_weights).eval()
     return LoadedModel(model=model, config=config, physics=physics, device=dev)
+
+
+def _model_physics(config: ExperimentConfig, device: torch.device):
+    """The config's physics as a LoadedModel uses it: noise drawn from the global generator (seeded per call)."""
+    physics = build_physics(config.physics, device, rng=torch.Generator(device=device).manual_seed(config.data.seed))
+    physics.noise_model.rng = None
+    return physics
+
+
+# -- modality -------------------------------------------------------------------------------------
+
+_MODALITY_NAMES = {"ct": "CT", "mri": "MR"}
+
+
+@dataclass(frozen=True)
+class ModalityCheck:
+    """How an image scan's modality relates to a model's.
+
+    ``relation``: ``"same"``; ``"unknown"`` (the file does not say: its slices
+    are taken as images of the model's modality); ``"different"`` (an MR image
+    into a CT model, ...: simulated measurements of the wrong kind of image,
+    which callers refuse unless asked). ``message`` is one line for the user
+    ("" when the same).
+    """
+
+    relation: str
+    scan_modality: str
+    model_modality: str
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.relation != "different"
+
+
+def check_modality(scan, model_modality: str, owner: str = "the model") -> ModalityCheck:
+    """:class:`ModalityCheck` of an image ``scan`` (a :class:`~engine.data.scans.Scan`) for a model of ``model_modality``.
+
+    Raw measurements are not checked here: their kind fixes their modality, and
+    :func:`engine.measured.measurements_from_scan` refuses the wrong one.
+    """
+    name = Path(str(getattr(scan, "source", "") or "scan")).name or "scan"
+    scan_modality = str(getattr(scan, "modality", "unknown") or "unknown")
+    model_name = _MODALITY_NAMES.get(model_modality, model_modality)
+    measured = "CT sinograms" if model_modality == "ct" else "MRI k-space"
+    if scan_modality == model_modality:
+        return ModalityCheck("same", scan_modality, model_modality)
+    if scan_modality not in _MODALITY_NAMES:
+        return ModalityCheck("unknown", scan_modality, model_modality,
+                             f"{name}: the file does not say its modality; its slices are taken as {model_name} "
+                             f"images and {measured} are simulated from them ({owner} is {model_name})")
+    scan_name = _MODALITY_NAMES[scan_modality]
+    return ModalityCheck("different", scan_modality, model_modality,
+                         f"{name} is {'an' if scan_name == 'MR' else 'a'} {scan_name} image but {owner} reconstructs "
+                         f"{model_name}: {measured} simulated from it would not be a reconstruction of anything "
+                         f"measured")
 
 
 def load_model(path: str | Path, device: Optional[str] = None) -> LoadedModel:

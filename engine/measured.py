@@ -103,6 +103,8 @@ from engine.physics import baseline, build_physics, describe, detector_count, sa
 
 __all__ = [
     "SCALE_PERCENTILE",
+    "check_measurement_kind",
+    "measured_image_size",
     "measurements_from_scan",
     "load_measurements",
     "load_measurement_data",
@@ -169,6 +171,43 @@ def _fit_reference_scale(physics, reference: torch.Tensor, y: torch.Tensor) -> f
     if not den > 0:
         return 0.0
     return float((ar * y).sum()) / den
+
+
+# -- the image size measurements allow --------------------------------------------------------
+
+
+def measured_image_size(scan: Scan, physics_cfg, requested: Optional[int] = None,
+                        option: str = "--size") -> int:
+    """The image side a k-space / sinogram scan is reconstructed at: its own, or ``requested`` if it allows.
+
+    Measurements fix the image grid. A sinogram's detector count is deepinv's for
+    exactly one image size (:func:`~engine.physics.detector_count`), so that size
+    is the only one. k-space can be centre-cropped to any smaller square grid
+    (the same field of view, coarser), never enlarged (that would invent
+    unmeasured frequencies): its own size is ``min(H, W)``. A ``requested`` size
+    the data do not allow raises ScanError naming ``option`` and why.
+    """
+    name = display_name(scan.source or "scan")
+    if scan.kind == "sinogram":
+        detectors = int(np.shape(scan.sinogram)[-1])
+        own = next((n for n in range(max(1, detectors // 2), detectors + 1)
+                    if detector_count(n, physics_cfg.circle) == detectors), None)
+        if own is None:
+            raise ScanError(f"{name}: {detectors} detector cells fit no image size of deepinv's parallel-beam "
+                            f"geometry ({'inscribed circle' if physics_cfg.circle else 'full square'})")
+        if requested is not None and int(requested) != own:
+            raise ScanError(f"{name}: {option} {requested} is not possible: the sinogram's {detectors} detector "
+                            f"cells fix the image at {own} x {own} (another size would need measurements that "
+                            "were not made)")
+        return own
+    if scan.kind == "kspace":
+        rows, cols = (int(s) for s in np.shape(scan.kspace)[-2:])
+        own = min(rows, cols)
+        if requested is not None and int(requested) > own:
+            raise ScanError(f"{name}: {option} {requested} is not possible: the k-space is {rows} x {cols}, and a "
+                            f"larger image would need frequencies that were not measured; {own} or less")
+        return own if requested is None else int(requested)
+    raise ScanError(f"{name}: holds images, not raw measurements")
 
 
 # -- from a Scan -------------------------------------------------------------------------------
@@ -264,6 +303,18 @@ def _sinogram_measurements(scan: Scan, cfg, owner: str, notes: list) -> tuple:
     return y, None, angles, reference, ref_kind, False
 
 
+def check_measurement_kind(scan: Scan, physics_cfg, owner: str = "the config") -> str:
+    """The modality a k-space / sinogram scan's kind fixes; ScanError for images or the other modality's data."""
+    name = display_name(scan.source or "scan")
+    if scan.kind not in MEASUREMENT_KINDS:
+        raise ScanError(f"{name}: holds images, not raw measurements")
+    modality = "mri" if scan.kind == "kspace" else "ct"
+    if physics_cfg.modality != modality:
+        what = "MRI k-space" if modality == "mri" else "a CT sinogram"
+        raise ScanError(f"{name}: holds {what}, but {owner} is for {describe(physics_cfg)}")
+    return modality
+
+
 def measurements_from_scan(scan: Scan, physics_cfg, *, normalise: bool = True,
                            owner: str = "the config") -> Measurements:
     """The measurements a k-space / sinogram scan holds, checked against ``physics_cfg``.
@@ -273,12 +324,7 @@ def measurements_from_scan(scan: Scan, physics_cfg, *, normalise: bool = True,
     data whose geometry does not fit (modality, size, views, detectors).
     """
     name = display_name(scan.source or "scan")
-    if scan.kind not in MEASUREMENT_KINDS:
-        raise ScanError(f"{name}: holds images, not raw measurements")
-    modality = "mri" if scan.kind == "kspace" else "ct"
-    if physics_cfg.modality != modality:
-        what = "MRI k-space" if modality == "mri" else "a CT sinogram"
-        raise ScanError(f"{name}: holds {what}, but {owner} is for {describe(physics_cfg)}")
+    modality = check_measurement_kind(scan, physics_cfg, owner)
     notes: list[str] = []
     if modality == "mri":
         y, mask, angles, reference, ref_kind, _ = _kspace_measurements(scan, physics_cfg, owner, notes)

@@ -80,10 +80,12 @@ _CT_NORMS: dict = {}
 # deepinv's float32 autograd adjoint, ~2e-7 vs ~7e-6). ``M^T`` is the exact
 # transpose. The float32 matrix comes from deepinv's float32 grids, i.e. it is
 # deepinv's float32 operator. (Pushing basis images through radon would be exact
-# too but costs W^2 grid_sample calls, ~30 s at 128x128.) Building takes ~0.25 s
-# for 128x128 / 30 views (1.1M nonzeros) and is done in chunks of detectors to
-# bound peak memory; matrices are cached per (angles, size, circle, grid dtype,
-# dtype, device) for the process and shared between physics objects.
+# too but costs W^2 grid_sample calls, ~30 s at 128x128.) Building is done in
+# blocks of detectors to bound peak memory (see :func:`_radon_rows`) and takes
+# ~0.3 s for 128x128 / 30 views (1.1M nonzeros), ~8 s for 512x512 / 60 views
+# (35M nonzeros: 0.56 GB for M and M^T in float32, 2.4 GB peak with deepinv's
+# own grids); matrices are cached per (angles, size, circle, grid dtype, dtype,
+# device) for the process and shared between physics objects.
 
 _CT_MATRICES: dict = {}
 
@@ -144,18 +146,38 @@ def _index_dtype(*sizes: int) -> torch.dtype:
     return torch.int32 if max(sizes) < 2 ** 31 - 1 else torch.int64
 
 
-def _radon_triplets(radon, img_width: int, circle: bool, dtype: torch.dtype):
-    """``(rows, cols, values, (detectors, views))`` of deepinv's Radon matrix on the CPU.
+def _ray_grids(radon, img_width: int, circle: bool) -> torch.Tensor:
+    """deepinv's ray grids ``[samples, views * detectors, 2]`` (its ``all_grids``), rebuilt if released.
 
-    COO sorted by row, then column; weights computed in float64, duplicates summed,
-    then rounded to ``dtype``; int32 indices while they fit.
+    :meth:`SparseTomography.release_radon_grids` drops deepinv's copy once the
+    matrices are built; another dtype or device rebuilds them with deepinv's own
+    ``_create_grids`` (the same float computation, so the same values).
+    """
+    grids = radon.all_grids.detach()
+    if grids.numel() == 0:
+        views = radon._create_grids(radon.theta, img_width, circle, device=radon.theta.device)  # [V, 1, G, G, 2]
+        grids = torch.cat(list(views[:, 0].unbind(0)), dim=1)[None]
+        del views
+    if grids.dim() != 4 or grids.shape[0] != 1:
+        raise ValueError("SparseTomography needs deepinv's parallel_computation grids [1, G, V*G, 2]")
+    return grids[0]
+
+
+def _radon_rows(radon, img_width: int, circle: bool, dtype: torch.dtype):
+    """Deepinv's Radon matrix on the CPU as ``(entries per row, cols, values, (detectors, views))``.
+
+    Rows in order, columns sorted within each row; weights computed in float64,
+    duplicates summed (corner by corner, each in the order of the samples along
+    the ray), then rounded to ``dtype``; int32 columns while they fit. Built a block of rays at a time:
+    each ray's ``4 x samples`` corner entries form one row of a ``[rays, 4 *
+    samples]`` block, sorted row by row (a batched sort, ~4x faster than one
+    sort of every key), with corners that fall outside the image, in the zero
+    padding or outside the circle mask, or that have zero weight, given the
+    column ``n_in`` so that they sort last and are dropped.
     """
     from deepinv.physics.functional.radon import SQRT2
 
-    grids = radon.all_grids.detach()
-    if grids.dim() != 4 or grids.shape[0] != 1:
-        raise ValueError("SparseTomography needs deepinv's parallel_computation grids [1, G, V*G, 2]")
-    grids = grids[0].to(device="cpu", dtype=torch.float64)  # [G (along ray), V*G (view, detector), 2]
+    grids = _ray_grids(radon, img_width, circle)  # [G (along ray), V*G (view, detector), 2], the grid dtype
     n_views = int(radon.theta.numel())
     samples = grids.shape[0]
     detectors = grids.shape[1] // n_views
@@ -171,75 +193,120 @@ def _radon_triplets(radon, img_width: int, circle: bool, dtype: torch.dtype):
         padded, pad_before = width + pad, (width + pad) // 2 - width // 2
         keep = None
     n_in = width * width
-    n_out = detectors * n_views
-    index_dtype = _index_dtype(n_in, n_out)
+    col_dtype = _index_dtype(n_in + 1)
 
-    chunk = max(1, min(_BUILD_CHUNK_ENTRIES // (samples * n_views * 4), (2 ** 31 - 1) // (n_views * n_in)))
-    key_dtype = _index_dtype(chunk * n_views * n_in)
-    views = torch.arange(n_views)
-    rows_out, cols_out, vals_out = [], [], []
+    chunk = max(1, _BUILD_CHUNK_ENTRIES // (samples * n_views * 4))  # detectors per block
+    by_view = grids.reshape(samples, n_views, detectors, 2)
+    counts_out, cols_out, vals_out = [], [], []
     for d0 in range(0, detectors, chunk):
         d1 = min(detectors, d0 + chunk)
-        ds = torch.arange(d0, d1)
-        j = (views[None, :] * detectors + ds[:, None]).reshape(-1)  # grid columns; local row (d - d0) * V + t
-        g = grids[:, j]  # [samples, local rows, 2]
+        # the block's rays in row order (detector, view): [detectors, views, samples]
+        g = by_view[:, :, d0:d1].permute(2, 1, 0, 3)
         # grid_sample, align_corners=True: source index = (coord + 1) / 2 * (size - 1); bilinear corners
-        ix = (g[..., 0] + 1) / 2 * (padded - 1)
-        iy = (g[..., 1] + 1) / 2 * (padded - 1)
-        x0 = ix.floor()
-        y0 = iy.floor()
-        x1, y1 = x0 + 1, y0 + 1
-        local = torch.arange(j.numel()).expand(samples, -1)
-        keys, vals = [], []
-        for px, py, w in ((x0, y0, (x1 - ix) * (y1 - iy)), (x1, y0, (ix - x0) * (y1 - iy)),
-                          (x0, y1, (x1 - ix) * (iy - y0)), (x1, y1, (ix - x0) * (iy - y0))):
-            px = px.long() - pad_before
-            py = py.long() - pad_before
-            ok = (px >= 0) & (px < width) & (py >= 0) & (py < width) & (w != 0)
-            col = py * width + px
+        ix = torch.empty(g.shape[:3], dtype=torch.float64).copy_(g[..., 0]).add_(1).div_(2).mul_(padded - 1)
+        iy = torch.empty(g.shape[:3], dtype=torch.float64).copy_(g[..., 1]).add_(1).div_(2).mul_(padded - 1)
+        ix, iy = ix.reshape(-1, samples), iy.reshape(-1, samples)  # [rays, samples]
+        x0, y0 = ix.floor(), iy.floor()
+        wx = ((x0 + 1).sub_(ix), ix.sub_(x0))  # weights of the corners x0 and x0 + 1, as grid_sample has them
+        wy = ((y0 + 1).sub_(iy), iy.sub_(y0))
+        px0 = x0.to(col_dtype).sub_(pad_before)
+        py0 = y0.to(col_dtype).sub_(pad_before)
+        del x0, y0
+        # a corner is kept when inside the image on both axes with a non-zero weight on both (a product of
+        # two non-zero weights >= ~1e-13 cannot underflow): decided per axis, then combined per corner
+        kept_x = [(px0 >= -d) & (px0 < width - d) & (wx[d] != 0) for d in (0, 1)]
+        kept_y = [(py0 >= -d) & (py0 < width - d) & (wy[d] != 0) for d in (0, 1)]
+        first_col = py0.mul_(width).add_(px0)  # column of the corner (x0, y0), wherever it is
+        del px0, py0
+        rays = first_col.shape[0]
+        cols = torch.empty(4, rays, samples, dtype=col_dtype)
+        vals = torch.empty(4, rays, samples, dtype=torch.float64)
+        for corner, (dx, dy) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            torch.mul(wx[dx], wy[dy], out=vals[corner])
+            col = torch.add(first_col, dy * width + dx, out=cols[corner])
+            kept = kept_x[dx] & kept_y[dy]
             if keep is not None:
-                ok &= keep[col.clamp(0, n_in - 1)]
-            keys.append((local[ok] * n_in + col[ok]).to(key_dtype))
-            vals.append(w[ok])
-        keys, order = torch.sort(torch.cat(keys))
-        vals = torch.cat(vals)[order]
-        unique, inverse = torch.unique_consecutive(keys, return_inverse=True)
-        summed = torch.zeros(unique.numel(), dtype=torch.float64).index_add_(0, inverse, vals)
-        unique = unique.long()
-        rows_out.append((unique // n_in + d0 * n_views).to(index_dtype))
-        cols_out.append((unique % n_in).to(index_dtype))
-        vals_out.append(summed.to(dtype))
-        del keys, vals, order, unique, inverse, summed
-    return torch.cat(rows_out), torch.cat(cols_out), torch.cat(vals_out), (detectors, n_views)
+                kept &= keep[col.clamp(0, n_in - 1).long()]
+            col.masked_fill_(~kept, n_in)
+        del first_col, wx, wy, ix, iy, kept_x, kept_y, col, kept
+        # a ray's entries corner by corner, each in sample order: the order their duplicates are summed in
+        cols, order = torch.sort(cols.permute(1, 0, 2).reshape(rays, -1), dim=1, stable=True)
+        vals = torch.gather(vals.permute(1, 0, 2).reshape(rays, -1), 1, order)
+        del order
+        # runs of equal columns within a ray are one matrix entry (the dropped corners, column n_in, one
+        # more run at the end of the ray): sum each run
+        starts = torch.ones_like(cols, dtype=torch.bool)
+        torch.ne(cols[:, 1:], cols[:, :-1], out=starts[:, 1:])
+        run = torch.cumsum(starts.reshape(-1), 0, dtype=torch.int32).sub_(1)
+        summed = torch.zeros(int(run[-1]) + 1, dtype=torch.float64).index_add_(0, run, vals.reshape(-1))
+        del run, vals
+        run_cols = cols[starts]
+        kept = run_cols != n_in
+        run_rays = torch.arange(rays).repeat_interleave(starts.sum(dim=1))
+        counts_out.append(torch.bincount(run_rays[kept], minlength=rays))
+        cols_out.append(run_cols[kept])
+        vals_out.append(summed[kept].to(dtype))
+        del cols, starts, summed, run_cols, kept, run_rays
+    counts = torch.cat(counts_out)
+    del counts_out
+    return counts, torch.cat(cols_out), torch.cat(vals_out), (detectors, n_views)
+
+
+def _transpose(crow_counts: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, n_cols: int):
+    """``(entries per row, cols, values)`` of the transpose of a row-sorted sparse matrix (rows sorted per column).
+
+    One stable sort of the column indices: entries of a column keep their row order.
+    """
+    order = torch.sort(cols, stable=True).indices
+    rows = torch.repeat_interleave(torch.arange(crow_counts.numel(), dtype=_index_dtype(crow_counts.numel())),
+                                   crow_counts)[order]
+    return torch.bincount(cols, minlength=n_cols), rows, vals[order]
 
 
 def _csr(crow_counts, cols, vals, shape, device):
     crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
     crow[1:] = torch.cumsum(crow_counts, 0)
+    index_dtype = _index_dtype(shape[0], shape[1], cols.numel())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]parse.*")  # "CSR support is in beta state"
-        return torch.sparse_csr_tensor(crow.to(cols.dtype), cols, vals, size=shape).to(device)
+        return torch.sparse_csr_tensor(crow.to(index_dtype), cols.to(index_dtype), vals, size=shape).to(device)
 
 
-def radon_matrices(radon, img_width: int, circle: bool, dtype: torch.dtype, device) -> tuple:
-    """Deepinv's (unnormalised) Radon ``M`` and ``M^T`` as :class:`_SparseOperator` in ``dtype`` on ``device`` (cached)."""
+def radon_matrices(radon, img_width: int, circle: bool, dtype: torch.dtype, device,
+                   release_grids: bool = False) -> tuple:
+    """Deepinv's (unnormalised) Radon ``M`` and ``M^T`` as :class:`_SparseOperator` in ``dtype`` on ``device`` (cached).
+
+    ``release_grids`` then drops deepinv's ray grids from ``radon`` (``V x G x G x 2``
+    floats, 250 MB at 512x512 / 60 views) as soon as ``M`` is built, before its
+    transpose: nothing needs them afterwards (another dtype or device rebuilds
+    them, see :func:`_ray_grids`), and deepinv's own ``radon(x)`` is no longer usable.
+    """
     device = torch.device(device)
     angles = tuple(float(a) for a in radon.theta.detach().cpu().double().reshape(-1))
     key = (angles, int(img_width), bool(circle), str(radon.all_grids.dtype), str(dtype), str(device))
     if key not in _CT_MATRICES:
-        rows, cols, vals, (detectors, n_views) = _radon_triplets(radon, img_width, circle, dtype)
+        counts, cols, vals, (detectors, n_views) = _radon_rows(radon, img_width, circle, dtype)
+        if release_grids:
+            release_ray_grids(radon)
         n_out, n_in = detectors * n_views, int(img_width) ** 2
-        matrix = _csr(torch.bincount(rows, minlength=n_out), cols, vals, (n_out, n_in), device)
-        order = torch.sort(cols, stable=True).indices  # rows stay sorted within each column
-        counts = torch.bincount(cols, minlength=n_in)
-        del cols
-        matrix_t = _csr(counts, rows[order], vals[order], (n_in, n_out), device)
-        del rows, vals, order
+        matrix = _csr(counts, cols, vals, (n_out, n_in), device)
+        counts_t, rows_t, vals_t = _transpose(counts, cols, vals, n_in)
+        del cols, vals
+        matrix_t = _csr(counts_t, rows_t, vals_t, (n_in, n_out), device)
+        del rows_t, vals_t
         forward = _SparseOperator(matrix, (img_width, img_width), (detectors, n_views))
         adjoint = _SparseOperator(matrix_t, (detectors, n_views), (img_width, img_width))
         forward.transpose, adjoint.transpose = adjoint, forward
         _CT_MATRICES[key] = (forward, adjoint)
+    if release_grids:
+        release_ray_grids(radon)
     return _CT_MATRICES[key]
+
+
+def release_ray_grids(radon) -> None:
+    """Replace deepinv's ray grids in ``radon`` by an empty tensor of their dtype and device."""
+    if radon.all_grids.numel():
+        radon.all_grids = radon.all_grids.new_empty(0)
 
 
 class SparseTomography(dinv.physics.Tomography):
@@ -255,7 +322,8 @@ class SparseTomography(dinv.physics.Tomography):
     faster than ``grid_sample`` and its autograd adjoint on CPU.
 
     ``normalize=True`` divides by this module's own ``||M||_2`` (power iteration,
-    50 steps from a seeded start, cached per geometry, dtype and device) kept in the
+    50 steps from a seeded start -- above 256x256 until settled, see
+    :func:`engine.linalg.normalisation_rtol` --, cached per geometry, dtype and device) kept in the
     ``operator_norm`` buffer, which may be overwritten afterwards. Inputs may have
     any leading dims ``[..., W, W]``; matrices follow the input's dtype and device.
     """
@@ -274,7 +342,7 @@ class SparseTomography(dinv.physics.Tomography):
             key = (angle_key, int(img_width), self.circle, str(dtype), str(torch.device(device)))
             if key not in _CT_NORMS:
                 _CT_NORMS[key] = operator_norm(self, (1, 1, img_width, img_width), device=device, dtype=dtype,
-                                               iters=50)
+                                               iters=50, rtol=linalg.normalisation_rtol(img_width ** 2))
             self.register_buffer("operator_norm", torch.tensor(_CT_NORMS[key], dtype=dtype, device=device))
             self.normalize = True
 
@@ -288,7 +356,8 @@ class SparseTomography(dinv.physics.Tomography):
         ops = self.__dict__.setdefault("_sparse_ops", {})
         key = (like.dtype, like.device)
         if key not in ops:
-            ops[key] = radon_matrices(self.radon, self.img_width, self.circle, like.dtype, like.device)
+            ops[key] = radon_matrices(self.radon, self.img_width, self.circle, like.dtype, like.device,
+                                      release_grids=True)
         return ops[key]
 
     def A(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -377,11 +446,12 @@ def describe(cfg: PhysicsConfig) -> str:
             f"(centre {cfg.center_fraction:g})")
 
 
-def operator_norm(physics, shape, device="cpu", dtype=torch.float32, iters: int = 30) -> float:
+def operator_norm(physics, shape, device="cpu", dtype=torch.float32, iters: int = 30, rtol: float = 0.0) -> float:
     """``||A||_2`` of a physics by power iteration on ``A^T A`` from a seeded start (1 for the normalised CT operator).
 
     The start is ``randn(shape)`` from a generator seeded with 0, so the value is
-    the same on every construction (see :func:`engine.linalg.operator_norm`).
+    the same on every construction (see :func:`engine.linalg.operator_norm`);
+    ``rtol > 0`` stops once settled (:func:`engine.linalg.largest_eigenvalue`).
     """
     start = torch.randn(shape, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(0))
-    return linalg.operator_norm(physics.A, physics.A_adjoint, start, iters)
+    return linalg.operator_norm(physics.A, physics.A_adjoint, start, iters, rtol)

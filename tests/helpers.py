@@ -57,12 +57,13 @@ class SlowSmoothingDenoiser(nn.Module):
 
 
 def ct_dicom_bytes(rows=8, cols=8, *, frames=None, bits=16, pixels: bytes | None = b"", slope=1,
-                   intercept=-1024) -> bytes:
-    """A CT DICOM file in memory, for the reader and bad-input tests.
+                   intercept=-1024, **tags) -> bytes:
+    """A CT DICOM file in memory, for the reader, export and bad-input tests.
 
     ``pixels``: ``b""`` a 16-bit ramp of ``rows x cols`` (whatever ``bits`` says: what a wrong
     BitsAllocated then misdescribes), ``None`` no PixelData at all, other bytes as given.
-    ``slope`` / ``intercept`` may be strings such as ``"NaN"``.
+    ``slope`` / ``intercept`` may be strings such as ``"NaN"``. ``tags`` are set as they are
+    (``ImagePositionPatient=[...]``, ``FrameOfReferenceUID=...``).
     """
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = CTImageStorage
@@ -82,6 +83,8 @@ def ct_dicom_bytes(rows=8, cols=8, *, frames=None, bits=16, pixels: bytes | None
         ds.NumberOfFrames = frames
     if pixels is not None:
         ds.PixelData = pixels if pixels else np.arange(rows * cols, dtype="<i2").tobytes()
+    for key, value in tags.items():
+        setattr(ds, key, value)
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()

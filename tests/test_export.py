@@ -174,7 +174,7 @@ def test_dicom_quantisation_bound(offset, scale, seed, constant):
 
 def test_unknown_extension_and_bad_inputs(tmp_path):
     img = ramp(4, 4)
-    with pytest.raises(ScanError, match=r"r\.tiff: cannot export to '\.tiff'; use \.png, \.npy, \.h5/\.hdf5 or \.dcm"):
+    with pytest.raises(ScanError, match=r"r\.tiff: cannot export to '\.tiff'; use \.png, \.npy, \.npz, \.h5/\.hdf5 or \.dcm"):
         export_image(img, tmp_path / "r.tiff")
     with pytest.raises(ScanError, match="no extension"):
         export_image(img, tmp_path / "r")

@@ -65,9 +65,15 @@ class FakeNetwork:
 
 
 class FakeModel:
-    def __init__(self, config: ExperimentConfig | None = None) -> None:
+    def __init__(self, config: ExperimentConfig | None = None, network: FakeNetwork | None = None) -> None:
         self.config = config or ExperimentConfig().replace(**{"physics.img_size": 16})
-        self.model = FakeNetwork(config=self.config)
+        self.model = network or FakeNetwork(config=self.config)
+        self.sized: list[int] = []  # the sizes at_size was asked for
+
+    def at_size(self, size: int) -> "FakeModel":
+        """The same network reconstructing ``size`` px images (LoadedModel.at_size)."""
+        self.sized.append(int(size))
+        return FakeModel(self.config.replace(**{"physics.img_size": int(size)}), self.model)
 
     def reconstruct(self, images) -> Reconstruction:
         images = np.asarray(images, dtype=np.float32)
@@ -174,13 +180,16 @@ def assert_imports_no_qt(modules: list[str]) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def open_window(qtbot, **kwargs):
-    """A shown MainWindow whose error dialogs go to ``window.dialogs`` and whose questions get yes."""
+def open_window(qtbot, modality_answer: str | None = "ct", **kwargs):
+    """A shown MainWindow whose error dialogs go to ``window.dialogs``, whose questions get yes, and whose
+    "which modality?" question gets ``modality_answer`` (the names asked about go to ``window.asked_modality``)."""
     from workbench.main_window import MainWindow
 
     dialogs: list = []
     window = MainWindow(error_dialog=lambda t, m: dialogs.append((t, m)), confirm=lambda t, q: True, **kwargs)
     window.dialogs = dialogs
+    window.asked_modality = []
+    window.ask_modality = lambda name: window.asked_modality.append(name) or modality_answer
     qtbot.addWidget(window)
     window.show()
     return window

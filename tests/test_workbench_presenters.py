@@ -16,6 +16,7 @@ from engine.events import (CheckpointSaved, LogMessage, RunFailed, RunFinished, 
                            StepFinished, ValidationFinished)
 from test_workbench_fakes import FakeModel, assert_imports_no_qt, snapshot_event, solve_event
 from workbench import backend
+from workbench.jobs import JobCancelled
 from workbench.panels.losses_model import LossesModel
 from workbench.panels.reconstructions_model import ReconstructionsModel, snapshot_from_result
 from workbench.panels.residuals_model import ResidualsModel
@@ -25,6 +26,7 @@ from workbench.presenters.events import MAX_PROBLEM_LOGS, EventRouter, PanelMode
 from workbench.presenters.files import FilesPresenter, export_path, kind_of_path
 from workbench.presenters.run import (CLOSE_GRACE_MS, RECONSTRUCTION_PANELS, RUN_PANELS, TRANSITIONS, RunLifecycle,
                                       RunPhase, RunPresenter)
+from workbench.presenters.scan import ScanPresenter
 from workbench.presenters.settings import SettingsPresenter, WindowLayout
 from workbench.state import WorkbenchState
 
@@ -85,18 +87,28 @@ class FakeController:
 
 
 class ImmediateTasks:
-    """TaskRunner.submit, run at once in the caller's thread."""
+    """TaskRunner.submit, run at once in the caller's thread; ``jobs`` are the Jobs submitted."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
+        self.jobs: list = []
 
-    def submit(self, fn, on_done, on_error=None, name="", supersede=False) -> None:
+    def submit(self, fn, on_done, on_error=None, name="", supersede=False, job=None, on_cancel=None) -> None:
         self.names.append(name)
+        self.jobs.append(job)
         try:
             result = fn()
+        except JobCancelled:
+            if on_cancel is not None:
+                on_cancel()
+            return
         except Exception as exc:
             if on_error is not None:
                 on_error(exc)
+            return
+        if job is not None and job.cancelled:
+            if on_cancel is not None:
+                on_cancel()
             return
         on_done(result)
 
@@ -354,6 +366,7 @@ def test_the_device_probe_names_the_gpu(router_setup):
 # -- files --------------------------------------------------------------------------------------
 class Scan:
     kind, modality, units = "image", "ct", "HU"
+    slice_shape, n_slices, reference = (20, 20), 3, None
 
     def summary(self) -> str:
         return "scan.npy: image 3x20x20"
@@ -367,7 +380,10 @@ def files_setup(run_setup, monkeypatch, tmp_path):
     config = ConfigPresenter(view, state)
     reconstructed: list = []
     displayed = ReconstructionsModel()
-    files = FilesPresenter(view, state, ImmediateTasks(), settings, config, run, reconstructed.append, displayed)
+    scans = ScanPresenter(view, state, config, run, PanelModels(ResidualsModel(), LossesModel(), displayed),
+                          lambda: reconstructed.append("scan presenter"))
+    files = FilesPresenter(view, state, ImmediateTasks(), settings, config, run, reconstructed.append, displayed,
+                           scans)
     monkeypatch.setattr(backend, "load_scan", lambda path: Scan())
     monkeypatch.setattr(backend, "prepare_slices",
                         lambda scan, size, window=None: np.ones((3, size, size), dtype=np.float64))
@@ -394,27 +410,36 @@ def test_export_adds_the_suffix_of_the_chosen_filter():
     assert export_path("/x/out.h5", "PNG image") == "/x/out.h5"
 
 
-def test_opening_a_scan_shows_it_makes_it_the_training_data_and_reconstructs(files_setup, tmp_path):
+def test_opening_a_scan_shows_it_at_once_and_neither_trains_on_it_nor_reconstructs(files_setup, tmp_path):
     files, view, state, _run, _controller, store, reconstructed = files_setup
     path = str(tmp_path / "scan.npy")
     files.open_scan(path)
-    assert isinstance(state.scan, Scan) and state.slices.dtype == np.float32 and state.slices.shape == (3, 16, 16)
+    # shown at its own resolution (20 px), on the middle slice
+    assert isinstance(state.scan, Scan) and state.slices.dtype == np.float32 and state.slices.shape == (3, 20, 20)
     assert state.slice_index == 1
     assert view.called("show_scan") == [(state.scan, path, 3, 1)]
+    assert view.called("show_scan_slice")[-1] == (1, 3)
+    assert files.displayed.page == "scan" and files.displayed.viewing == (path, 1)
+    np.testing.assert_array_equal(files.displayed.scan["image"], state.slices[1])
     assert state.recent[0].kind == "scan" and state.recent[0].path == path
     assert view.called("show_recent")[-1] == (state.recent,)
     assert store.values["paths/last_dir"] == str(tmp_path)
-    assert state.config.data.source == "files" and list(state.config.data.paths) == [path]
-    assert view.called("show_config")[-1] == (state.config,)
     assert view.called("raise_panel") == [("info",)] and "scan.npy" in view.called("show_title")[-1][0]
-    assert reconstructed == [None]
+    # training data is an explicit choice: untouched, and the log says what it is
+    assert state.config.data.source == "phantom" and not state.scan_is_training_data()
+    assert view.called("show_scan_choices")[-1][0].training_data is False
+    assert any("Training data: built-in phantom CT images" in m for m in view.logged("info"))
+    assert reconstructed == [] and "clear_equivariance" in view.names()  # reconstructed on demand only
+    assert files.tasks.jobs[-1].title == "Opening scan.npy"
 
 
 def test_a_scan_opened_during_a_run_leaves_the_training_data_alone(files_setup, tmp_path):
     files, _view, state, run, _controller, _store, reconstructed = files_setup
     run.train()
     files.open_scan(str(tmp_path / "scan.npy"))
-    assert state.scan is not None and state.config.data.source == "phantom" and reconstructed == [None]
+    assert state.scan is not None and state.config.data.source == "phantom" and reconstructed == []
+    files.scans.use_as_training_data(True)  # refused during a run
+    assert state.config.data.source == "phantom"
 
 
 def test_a_scan_that_cannot_be_read_changes_nothing(files_setup, monkeypatch, tmp_path):
@@ -432,7 +457,8 @@ def test_a_scan_that_cannot_be_read_changes_nothing(files_setup, monkeypatch, tm
 
 def test_opening_a_checkpoint_uses_its_model_and_config(files_setup, monkeypatch, tmp_path):
     files, view, state, run, _controller, _store, reconstructed = files_setup
-    files.open_scan(str(tmp_path / "scan.npy"))  # training data: files
+    files.open_scan(str(tmp_path / "scan.npy"))
+    files.scans.use_as_training_data(True)  # training data: files
     run.train()
     run.run_ended("completed")
     assert state.use_training_weights
@@ -443,7 +469,7 @@ def test_opening_a_checkpoint_uses_its_model_and_config(files_setup, monkeypatch
     assert state.model is model and state.model_source == "checkpoint" and state.checkpoint_path == path
     assert not state.use_training_weights
     assert state.config.physics.views == 24 and state.config.data.source == "files"  # the scan stays the data
-    assert "clear_equivariance" in view.names() and reconstructed == [None, None]
+    assert "clear_equivariance" in view.names() and reconstructed == [None]  # the checkpoint's reconstruction
     assert [r.kind for r in state.recent] == ["checkpoint", "scan"]
 
 
@@ -574,7 +600,7 @@ def test_without_a_model_one_is_built_from_the_config_and_kept(analysis_setup):
 def test_failed_probes_free_the_panel_and_report(analysis_setup):
     analysis, _run, view, _controller, state, _built, _panels = analysis_setup
     state.set_model(FakeModel(), "checkpoint", "/m.pt")
-    state.model.equivariance_curve = lambda image, angles: 1 / 0
+    state.model.equivariance = lambda image, angle: 1 / 0
     analysis.equivariance_curve()
     assert "equivariance_failed" in view.names()
     assert view.called("report_error")[0][0] == "Equivariance failed"
@@ -763,5 +789,182 @@ def test_presenters_and_panel_models_import_no_qt():
                "workbench.presenters.config", "workbench.presenters.files", "workbench.presenters.settings",
                "workbench.presenters.analysis", "workbench.panels", "workbench.panels.residuals_model",
                "workbench.panels.losses_model", "workbench.panels.reconstructions_model",
-               "workbench.panels.equivariance_model", "workbench.state", "workbench.backend"]
+               "workbench.panels.equivariance_model", "workbench.state", "workbench.backend",
+               "workbench.presenters.scan", "workbench.panels.viewer_model", "workbench.jobs", "workbench.startup"]
     assert_imports_no_qt(modules)
+
+
+# -- the scan in the viewer: slices, modality, training data, size; long work --------------------------
+@pytest.fixture
+def scan_setup(run_setup, monkeypatch):
+    run, view, controller, state, _later = run_setup
+    view.answers["ask_modality"] = None
+    panels = panel_models()
+    reconstructed: list = []
+    analysis_notes = {"note": ""}
+    scans = ScanPresenter(view, state, ConfigPresenter(view, state), run, panels, lambda: reconstructed.append(1),
+                          lambda: analysis_notes["note"])
+    return scans, view, state, run, panels, reconstructed
+
+
+class UnknownScan(Scan):
+    modality, units = "unknown", "arbitrary"
+
+
+def stack(n: int = 4, size: int = 20) -> np.ndarray:
+    return np.stack([np.full((size, size), i / n, np.float32) for i in range(n)])
+
+
+def test_a_new_slice_is_shown_at_once_and_marks_a_reconstruction_of_another_stale(scan_setup):
+    scans, view, state, _run, panels, reconstructed = scan_setup
+    scans.opened("/data/a.npy", Scan(), stack())
+    assert panels.reconstructions.viewing == ("/data/a.npy", 2) and panels.reconstructions.page == "scan"
+    panels.reconstructions.add({"label": "r", "source": ("/data/a.npy", 2), "reconstruction": stack()[2]})
+    assert panels.reconstructions.page == "comparison"
+    assert panels.reconstructions.stale_note(panels.reconstructions.current()) == ""
+    scans.step_slice(-1)
+    assert state.slice_index == 1 and reconstructed == []  # browsing never reconstructs
+    np.testing.assert_array_equal(panels.reconstructions.scan["image"], stack()[1])
+    assert panels.reconstructions.page == "scan" and view.called("show_scan_slice")[-1] == (1, 4)
+    assert panels.reconstructions.stale_note(panels.reconstructions.current()) == \
+        "stale: reconstructed from slice 2, viewing slice 1"
+    scans.choose_slice(99)  # clamped to the last
+    assert state.slice_index == 3
+    scans.opened("/data/b.npy", Scan(), stack(2))  # another scan: its reconstructions go
+    assert panels.reconstructions.snapshots == [] and "clear_equivariance" in view.names()
+
+
+def test_an_unknown_modality_is_asked_and_a_declined_question_is_said(scan_setup):
+    scans, view, state, _run, _panels, _reconstructed = scan_setup
+    view.answers["ask_modality"] = "mri"
+    scans.opened("/data/brain.nii.gz", UnknownScan(), stack())
+    assert view.called("ask_modality") == [("brain.nii.gz",)]
+    assert state.scan_modality == "mri" and state.modality_source == "your choice"
+    assert state.config.physics.modality == "mri" and view.called("show_config")[-1][0].physics.modality == "mri"
+    assert view.called("show_scan_modality")[-1] == ("MRI (your choice; the file says unknown)",)
+    assert "physics.modality = mri: the scan is MRI, so Reconstruct simulates k-space from it" in view.logged("info")
+
+    view.answers["ask_modality"] = None  # declined: kept open, and the log says what Reconstruct does
+    scans.opened("/data/other.nii.gz", UnknownScan(), stack())
+    assert state.scan_modality == "unknown" and state.config.physics.modality == "mri"
+    assert any("unknown: Reconstruct simulates k-space" in m for m in view.logged("warning"))
+
+    scans.opened("/data/ct.dcm", Scan(), stack())  # the file says CT: not asked
+    assert len(view.called("ask_modality")) == 2 and state.config.physics.modality == "ct"
+
+
+def test_switching_the_modality_reconstructs_again_only_a_reconstructed_scan(scan_setup):
+    scans, view, state, _run, panels, reconstructed = scan_setup
+    scans.opened("/data/a.npy", Scan(), stack())
+    scans.choose_modality("mri")
+    assert state.config.physics.modality == "mri" and reconstructed == []  # nothing was reconstructed yet
+    panels.reconstructions.add({"label": "r", "source": ("/data/a.npy", 2)})
+    scans.choose_modality("ct")
+    assert state.config.physics.modality == "ct" and reconstructed == [1]
+    scans.config_changed(state.config.replace(**{"physics.modality": "mri"}))  # the settings dock
+    assert state.scan_modality == "mri" and state.modality_source == "the settings" and reconstructed == [1, 1]
+
+
+def test_a_trained_model_of_the_other_modality_is_not_used_and_the_log_says_so(scan_setup):
+    scans, view, state, _run, _panels, _reconstructed = scan_setup
+    state.set_model(FakeModel(tiny_config()), "checkpoint", "/models/ct.pt")
+    view.answers["ask_modality"] = "mri"
+    scans.opened("/data/brain.npy", UnknownScan(), stack())
+    assert state.model is None and state.checkpoint_path is None and state.config.physics.modality == "mri"
+    assert any(m.startswith("checkpoint ct.pt reconstructs CT: for this MRI scan Reconstruct uses a model built")
+               for m in view.logged("warning"))
+
+
+def test_training_data_is_an_explicit_choice_that_can_be_taken_back(scan_setup):
+    scans, view, state, run, _panels, _reconstructed = scan_setup
+    scans.opened("/data/a.npy", Scan(), stack())
+    choices = view.called("show_scan_choices")[-1][0]
+    assert not choices.training_data and choices.training_data_allowed and state.config.data.source == "phantom"
+    scans.use_as_training_data(True)
+    assert state.config.data.source == "files" and list(state.config.data.paths) == ["/data/a.npy"]
+    assert view.called("show_scan_choices")[-1][0].training_data
+    assert view.logged("info")[-1] == "training data: a.npy (simulated CT measurements, 16 px)"
+    scans.use_as_training_data(False)
+    assert state.config.data.source == "phantom" and list(state.config.data.paths) == []
+    run.train()
+    scans.use_as_training_data(True)  # not during a run
+    assert state.config.data.source == "phantom"
+    assert not view.called("show_scan_choices")[-1][0].training_data_allowed
+
+
+def test_the_size_choice_is_kept_and_said(scan_setup):
+    scans, view, state, _run, _panels, _reconstructed = scan_setup
+    scans.opened("/data/a.npy", Scan(), stack())
+    scans.choose_size("native")
+    assert state.reconstruct_size == "native"
+    assert view.called("set_status")[-1] == ("Reconstruct runs at the scan's own size (20 px): press Reconstruct (F6)",)
+    assert view.called("show_scan_choices")[-1][0].native_size == 20
+    scans.choose_size("1024")  # not offered
+    assert state.reconstruct_size == "native"
+
+
+def test_cancelling_the_curve_between_angles_drops_it_and_frees_the_panel(analysis_setup):
+    analysis, _run, view, _controller, state, _built, _panels = analysis_setup
+    model = FakeModel()
+    probed = []
+
+    def equivariance(image, angle):
+        probed.append(angle)
+        if len(probed) == 3:
+            analysis.tasks.jobs[-1].cancel()  # the user presses Cancel while the third angle is computed
+        return FakeModel.equivariance(model, image, angle)
+
+    model.equivariance = equivariance
+    state.set_model(model, "checkpoint", "/m.pt")
+    analysis.equivariance_curve()
+    job = analysis.tasks.jobs[-1]
+    assert job.cancelled and probed == [0.0, 15.0, 30.0] and job.progress()[:2] == (3, 25)
+    assert "show_equivariance_curve" not in view.names() and "equivariance_failed" in view.names()
+    assert view.called("set_status")[-1] == ("Error vs angle cancelled",)
+    assert view.called("show_busy")[-1] == (job,)
+
+
+def test_restored_settings_are_announced_by_name():
+    from workbench.state import default_config
+
+    store = DictStore()
+    changed = default_config().replace(**{"solver.tol": 1e-9, "optim.steps": 7, "physics.views": 12,
+                                          "run.name": "mine", "loss.mode": "mc"})
+    state = WorkbenchState(config=changed)
+    state.reconstruct_size = "native"
+    SettingsPresenter(store, state).save(WindowLayout())
+    restored = SettingsPresenter(store, WorkbenchState())
+    assert restored.restore() == changed and restored.state.reconstruct_size == "native"
+    assert restored.restored == ["physics.views = 12", "solver.tol = 1e-09", "loss.mode = mc", "optim.steps = 7",
+                                 "run.name = mine", "Reconstruct size = native"]
+    assert restored.announcement() == ("restored 6 settings from the last session: physics.views = 12, "
+                                       "solver.tol = 1e-09, loss.mode = mc, optim.steps = 7 and 2 more")
+    empty = SettingsPresenter(DictStore(), WorkbenchState())
+    empty.restore()
+    assert empty.announcement() == ""
+    assert not empty.welcome_dismissed()
+    empty.dismiss_welcome()
+    assert empty.welcome_dismissed()
+
+
+def test_a_job_reports_progress_and_runs_its_cancel_callbacks_once():
+    from workbench.jobs import Job
+
+    clock = iter([0.0, 2.5])
+    job = Job("Working", clock=lambda: next(clock))
+    stopped = []
+    forget = job.when_cancelled(lambda: stopped.append("solve"))
+    job.advance(3, 10, "45\u00b0")
+    assert job.describe() == "Working\u2026 3/10 (45\u00b0)" and job.seconds() == 2.5
+    job.check()
+    job.cancel()
+    job.cancel()
+    assert stopped == ["solve"] and job.cancelled
+    with pytest.raises(JobCancelled):
+        job.check()
+    forget()
+    job.when_cancelled(lambda: stopped.append("late"))  # registered after: runs at once
+    assert stopped == ["solve", "late"]
+    fixed = Job("Loading", cancellable=False)
+    fixed.cancel()
+    assert not fixed.cancelled

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import threading
 
+from workbench.jobs import Job
 from workbench.worker import GuiThreadGarbageCollection, TaskRunner
 
 
@@ -49,6 +50,49 @@ def test_without_supersede_every_task_reports(qtbot):
         runner.submit(lambda i=i: i, reported.append, name="save checkpoint")
     qtbot.waitUntil(lambda: runner.pending == 0, timeout=5000)
     assert reported == [0, 1, 2]
+
+
+def test_a_cancelled_job_never_runs_or_is_dropped_and_says_so(qtbot):
+    runner = TaskRunner()
+    started, gate = threading.Event(), threading.Event()
+    reported, cancelled, ran = [], [], []
+    running, queued = Job("Reconstructing"), Job("Probing")
+
+    def slow():
+        started.set()
+        gate.wait(5)
+        return "finished anyway"
+
+    runner.submit(slow, reported.append, name="reconstruct", job=running, on_cancel=lambda: cancelled.append("r"))
+    runner.submit(lambda: ran.append("probe"), reported.append, name="probe", job=queued,
+                  on_cancel=lambda: cancelled.append("p"))
+    started.wait(5)
+    assert runner.active_jobs() == [running, queued]
+    runner.cancel_all()
+    gate.set()
+    qtbot.waitUntil(lambda: runner.pending == 0, timeout=5000)
+    assert reported == [] and ran == [] and cancelled == ["r", "p"] and runner.active_jobs() == []
+
+
+def test_superseding_a_running_task_cancels_its_job(qtbot):
+    runner = TaskRunner()
+    started = threading.Event()
+    old = Job("Reconstructing slice 3")
+
+    def slow():
+        started.set()
+        for _ in range(500):  # a solve checking its stop flag between iterations
+            old.check()
+            threading.Event().wait(0.01)
+        return "slice 3"
+
+    reported = []
+    runner.submit(slow, reported.append, name="reconstruct", supersede=True, job=old)
+    started.wait(5)
+    runner.submit(lambda: "slice 4", reported.append, name="reconstruct", supersede=True, job=Job("slice 4"))
+    assert old.cancelled
+    qtbot.waitUntil(lambda: runner.pending == 0, timeout=3000)  # long before the 5 s the old one would take
+    assert reported == ["slice 4"]
 
 
 class _Cycle:

@@ -169,10 +169,21 @@ def test_open_scan_and_checkpoint_via_menu(qtbot, window, tmp_path, monkeypatch)
     w.act_open_scan.trigger()
     qtbot.waitUntil(lambda: w.state.scan is not None and w.tasks.pending == 0, timeout=10000)
     w.refresh_images()
-    assert w.state.slices.shape == (3, 16, 16)
+    assert w.state.slices.shape == (3, 24, 24)  # shown at its own resolution
+    np.testing.assert_array_equal(w.reconstructions.scan_item.image, w.state.slices[1])
+    assert w.asked_modality == ["slices.npy"] and w.state.scan_modality == "ct"  # a .npy does not say: asked
     assert w.info.rows()["Kind"] == "image"
-    np.testing.assert_allclose(w.reconstructions.items["reconstruction"].image, w.state.slices[1] * 0.9, rtol=1e-6)
-    assert w.state.config.data.source == "files"
+    assert w.reconstructions.model.snapshots == []  # reconstructed on demand
+    w.act_reconstruct.trigger()  # at the model's 16 px
+    qtbot.waitUntil(lambda: bool(w.reconstructions.model.snapshots) and w.tasks.pending == 0, timeout=10000)
+    w.refresh_images()
+    from workbench import backend
+    at_model_size = backend.prepare_slices(w.state.scan, 16)[1]
+    np.testing.assert_allclose(w.reconstructions.items["reconstruction"].image, at_model_size * 0.9, rtol=1e-5,
+                               atol=1e-6)
+    assert w.state.config.data.source == "phantom"  # until the user ticks "use as training data"
+    w.reconstructions.controls.training_data.setChecked(True)
+    assert w.state.config.data.source == "files" and list(w.state.config.data.paths) == [str(scan)]
     assert w.state.recent[0].path == str(scan)
     assert "slices.npy" in w.windowTitle()
 
@@ -302,10 +313,10 @@ def test_the_window_is_every_presenter_view(window):
     import inspect
     import re
 
-    from workbench.presenters import analysis, config, events, files, run
+    from workbench.presenters import analysis, config, events, files, run, scan
 
     for module, protocol in ((run, run.RunView), (events, events.EventView), (config, config.ConfigView),
-                             (files, files.FilesView), (analysis, analysis.AnalysisView)):
+                             (files, files.FilesView), (analysis, analysis.AnalysisView), (scan, scan.ScanView)):
         declared = {name for name in vars(protocol) if not name.startswith("_")}
         called = set(re.findall(r"self\.view\.(\w+)", inspect.getsource(module)))
         assert called <= declared, (module.__name__, called - declared)

@@ -1,15 +1,18 @@
-"""``equideq-workbench``: the QApplication, command-line options and the entry point."""
+"""``equideq-workbench``: the QApplication, command-line options and the entry point.
+
+Qt is imported only once the command line asks for a window, so ``--version`` and
+``--help`` answer at once; the engine (torch, deepinv) is imported after the
+window's first paint (:meth:`~workbench.main_window.MainWindow.load_engine`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
 from typing import Optional, Sequence
-
-from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QApplication
 
 from workbench import __version__
 
@@ -27,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--screenshot-scan", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--quit-after", metavar="SECONDS", type=float, help="quit (cleanly) after this many seconds")
     p.add_argument("--run-root", metavar="DIR", help="parent folder for run directories")
+    p.add_argument("--report-startup", action="store_true",
+                   help="print when the window was painted and the engine loaded (JSON, seconds since the epoch), "
+                        "then quit (workbench.startup.measure_time_to_window uses it)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
 
@@ -36,12 +42,13 @@ def configure_interpreter() -> None:
     sys.setswitchinterval(0.002)
 
 
-def install_signal_handlers(app: QApplication, window) -> QTimer:
+def install_signal_handlers(app, window):
     """SIGINT / SIGTERM close the window cleanly (no question asked).
 
     Python only runs signal handlers when the interpreter gets control, so a
     periodic no-op timer wakes it up while Qt's event loop waits.
     """
+    from PySide6.QtCore import QTimer
 
     def handler(signum, _frame):
         QTimer.singleShot(0, window.request_shutdown)
@@ -65,7 +72,7 @@ def _startup(window, args) -> None:
         steps.append(lambda then: window.files.open_config(args.config, then=then))
     if args.checkpoint:
         steps.append(lambda then: window.files.open_checkpoint(args.checkpoint, then=then))
-    if args.scan:
+    if args.scan:  # shown at once; Reconstruct when asked
         steps.append(lambda then: window.files.open_scan(args.scan, then=then))
 
     def finish():
@@ -92,10 +99,22 @@ def _screenshots(window, directory: str, scan=None) -> None:
     window.on_run_ended.append(on_end)
 
 
+def _report_startup(window) -> None:
+    """Print the window's start-up times as one JSON line once the engine is loaded, then quit."""
+    def report():
+        print("EQUIDEQ_STARTUP " + json.dumps(window.startup_times), flush=True)
+        window.request_shutdown()
+
+    window.engineReady.connect(report)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     os.environ.setdefault("PYQTGRAPH_QT_LIB", "PySide6")
     configure_interpreter()
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication
+
     app = QApplication.instance() or QApplication([sys.argv[0]])
     settings_dir = os.environ.get("EQUIDEQ_WORKBENCH_SETTINGS_DIR")
     if settings_dir:  # scripts and tests keep the user's settings untouched
@@ -118,7 +137,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             QTimer.singleShot(1500, lambda: save_screenshots(window, args.screenshot_dir,
                                                              then=window.request_shutdown,
                                                              scan=args.screenshot_scan))
-    if args.quit_after:
+    if args.report_startup:
+        _report_startup(window)
+    if args.quit_after is not None:
         QTimer.singleShot(int(args.quit_after * 1000), window.request_shutdown)
     QTimer.singleShot(0, lambda: _startup(window, args))
     return int(app.exec())

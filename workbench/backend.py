@@ -2,9 +2,9 @@
 
 Functions here import torch / deepinv (and the engine modules built on them)
 only when called, and the workbench calls them from worker threads, so the
-window opens without waiting for torch; :func:`ct_windows` and
-:func:`new_run_dir` are the exceptions the GUI thread calls, and they import no
-torch. The light engine modules (config, events, errors) are imported directly
+window opens without waiting for torch; :func:`ct_windows`, :func:`unit_windows`,
+:func:`scan_hu_window`, :func:`to_hu`, :func:`versions` and :func:`new_run_dir` are the
+exceptions the GUI thread calls, and they import no torch. The light engine modules (config, events, errors) are imported directly
 where they are used. :class:`TrainerCommands` is the only way the workbench
 reaches a running trainer. Nothing here imports Qt.
 """
@@ -13,9 +13,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+from contextlib import contextmanager
+
 import numpy as np
 
-# HU windows used when engine.data.intensity is not available: (low, high).
+
 def make_trainer(config, run_dir=None, observers=None, control=None, resume_from=None):
     from engine.trainer import Trainer
 
@@ -135,11 +137,111 @@ def load_scan(path: str):
 
 
 def prepare_slices(scan, size: int, window=None) -> np.ndarray:
-    try:
-        from engine.data import prepare_slices as _prep
-    except ImportError:
-        from engine.data.intensity import prepare_slices as _prep  # type: ignore
+    from engine.data.intensity import prepare_slices as _prep
+
     return _prep(scan, size, window=window)
+
+
+#: the most memory the displayed stack of a scan may take (its slices at their own resolution)
+DISPLAY_STACK_BYTES = 768 * 2**20
+
+
+def display_size(scan, budget_bytes: int = DISPLAY_STACK_BYTES) -> int:
+    """The side of the square slices the viewer shows: the scan's own (its longer side, as
+    prepare_slices pads), smaller only when the whole stack would not fit ``budget_bytes``."""
+    rows, cols = scan.slice_shape if scan.kind == "image" or scan.reference is None \
+        else np.asarray(scan.reference).shape[-2:]
+    side = int(max(rows, cols))
+    n = max(1, int(scan.n_slices))
+    fits = int((budget_bytes / (4.0 * n)) ** 0.5)
+    return max(16, min(side, fits))
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """One displayed [0, 1] slice at ``size x size`` (the engine's antialiased resize; imports torch)."""
+    from engine.data.intensity import resize
+
+    return np.asarray(resize(np.asarray(image, dtype=np.float32), int(size)), dtype=np.float32)
+
+
+def scan_hu_window(scan, window=None) -> Optional[tuple[float, float]]:
+    """(low, high) HU that prepare_slices maps ``scan`` onto [0, 1] with (``window``: the config's, None for
+    its automatic one); None for a scan not in HU."""
+    from engine.data.intensity import scan_hu_window as _window
+
+    hu = _window(scan, window)
+    return None if hu is None else (float(hu[0]), float(hu[1]))
+
+
+def to_hu(values, window) -> np.ndarray:
+    """Displayed [0, 1] values -> HU through the window prepare_slices used (engine.data.intensity.to_hu)."""
+    from engine.data.intensity import to_hu as _to_hu
+
+    return _to_hu(values, window)
+
+
+def from_hu(hu, window) -> np.ndarray:
+    """HU -> the displayed [0, 1] scale through the window prepare_slices used (engine.data.intensity.from_hu)."""
+    from engine.data.intensity import from_hu as _from_hu
+
+    return _from_hu(hu, window)
+
+
+def model_at_size(loaded, size: int):
+    """``loaded`` (a LoadedModel) reconstructing ``size x size`` images: the same weights with the
+    operator built for that size (``LoadedModel.at_size``); the engine says when the physics does not allow it."""
+    own = int(loaded.config.physics.img_size)
+    if int(size) == own:
+        return loaded
+    at_size = getattr(loaded, "at_size", None)
+    if at_size is None:
+        from engine.errors import EquiDEQError
+
+        raise EquiDEQError(f"this engine cannot reconstruct at {size} px yet (LoadedModel.at_size is missing); "
+                           f"choose 'model' ({own} px)")
+    return at_size(int(size))
+
+
+@contextmanager
+def solves_stopped_by(loaded, job):
+    """While inside, cancelling ``job`` stops the solve in progress on ``loaded`` within one iteration
+    (the engine's RunControl, which DEQReconstructor's solvers check between iterations)."""
+    from engine.events import RunControl
+
+    network = loaded.model
+    control = RunControl()
+    forget = job.when_cancelled(control.stop)
+    previous = getattr(network, "control", None)
+    network.control = control
+    try:
+        yield
+    finally:
+        network.control = previous
+        forget()
+
+
+def versions() -> dict:
+    """name -> version of the app and the libraries it runs on, read from the installed packages
+    (importlib.metadata: nothing is imported, so the GUI thread may call it)."""
+    from importlib import metadata
+    import platform
+
+    from workbench import __version__
+
+    out = {"EquiDEQ Workbench": __version__, "Python": platform.python_version()}
+    for label, dist in (("torch", "torch"), ("deepinv", "deepinv"), ("PySide6", "PySide6-Essentials"),
+                        ("pyqtgraph", "pyqtgraph"), ("NumPy", "numpy")):
+        try:
+            out[label] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            if dist == "PySide6-Essentials":
+                try:
+                    out[label] = metadata.version("PySide6")
+                    continue
+                except metadata.PackageNotFoundError:
+                    pass
+            out[label] = "not installed"
+    return out
 
 
 def unit_windows() -> dict:
@@ -163,13 +265,15 @@ def check_output_file(path, inputs) -> None:
     _check(path, [p for p in inputs if p], overwrite=True)
 
 
-def export_image(image, path, window=None, source_scan=None, description="", checkpoint_name="", inputs=()):
+def export_image(image, path, window=None, source_scan=None, source_slice=None, units=None, description="",
+                 checkpoint_name="", inputs=()):
+    """Write one reconstructed slice (in ``units``: HU for a CT scan in HU) with its display window in those units."""
     from engine.export import export_image as _export
 
     check_output_file(path, inputs)
 
-    return _export(image, path, window=window, source_scan=source_scan, description=description,
-                   checkpoint_name=checkpoint_name)
+    return _export(image, path, window=window, source_scan=source_scan, source_slice=source_slice, units=units,
+                   description=description, checkpoint_name=checkpoint_name)
 
 
 def default_images(config, n: int = 1) -> np.ndarray:

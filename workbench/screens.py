@@ -11,10 +11,13 @@ from PySide6.QtCore import QTimer
 def save_screenshots(window, directory: str, then: Optional[Callable] = None,
                      scan: Optional[str] = None) -> list[str]:
     """Compute the equivariance curve, then save workbench_training.png; open ``scan``
-    (if given: reconstructed by the trained model, its tags in the info panel) and save
-    workbench_scan_log.png with the log and scan info raised; ``then`` runs afterwards."""
+    (if given: reconstructed by the trained model at the scan's own size, its tags in the
+    info panel) and save workbench_scan_log.png with the log and scan info raised; ``then``
+    runs afterwards. The first-run notices are closed for the pictures."""
     os.makedirs(directory, exist_ok=True)
     saved: list[str] = []
+    for key in list(window.notices.notices):
+        window.notices.hide_notice(key)
 
     def grab(name: str) -> None:
         window.refresh_plots()
@@ -27,13 +30,25 @@ def save_screenshots(window, directory: str, then: Optional[Callable] = None,
     def second():
         window.docks["log"].raise_()
         window.docks["info"].raise_()
-        QTimer.singleShot(600, lambda: (grab("workbench_scan_log.png"), window.docks["equivariance"].raise_(),
-                                        window.docks["settings"].raise_(), then and then()))
+        when_idle(lambda: QTimer.singleShot(600, lambda: (grab("workbench_scan_log.png"),
+                                                          window.docks["equivariance"].raise_(),
+                                                          window.docks["settings"].raise_(), then and then())))
+
+    def when_idle(fn, waited=0):
+        """After the work the reconstruction started (its equivariance probe), so no progress bar is in the picture."""
+        if window.tasks.pending == 0 or waited > 300:
+            fn()
+        else:
+            QTimer.singleShot(200, lambda: when_idle(fn, waited + 1))
 
     def first():
         grab("workbench_training.png")
         if scan:
-            window.files.open_scan(scan, then=second)
+            def reconstruct():
+                window.scans.choose_size("native")
+                window.analysis.reconstruct(then=second)
+
+            window.files.open_scan(scan, then=reconstruct)
         else:
             second()
 

@@ -17,7 +17,9 @@ from engine.config import CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES, ExperimentConfig
 
 DEFAULT_CONFIG = "ct_phantom_quick"
 MAX_RECENT = 10
-
+#: the sizes Reconstruct offers: the model's own, the scan's own, or a fixed one
+SIZE_CHOICES = ("model", "native", "128", "256", "512")
+MODALITY_NAMES = {"ct": "CT", "mri": "MRI", "unknown": "unknown"}
 
 
 def default_config() -> ExperimentConfig:
@@ -38,6 +40,25 @@ def classify_path(path: str) -> str:
     return "scan"
 
 
+def reconstruction_size(choice: str, model_size: int, native_size: Optional[int]) -> int:
+    """The image size a reconstruction runs at for a :data:`SIZE_CHOICES` entry."""
+    if choice == "native":
+        return int(native_size or model_size)
+    if choice.isdigit():
+        return int(choice)
+    return int(model_size)
+
+
+def training_data_text(config: ExperimentConfig) -> str:
+    """What Train trains on, in words: "built-in phantom CT images (ellipses, 64 px)" or the files."""
+    data, physics = config.data, config.physics
+    modality = MODALITY_NAMES.get(physics.modality, physics.modality)
+    if data.source == "files" and data.paths:
+        names = ", ".join(os.path.basename(str(p).rstrip("/")) for p in data.paths)
+        return f"{names} (simulated {modality} measurements, {physics.img_size} px)"
+    return f"built-in phantom {modality} images ({getattr(data, 'phantom', 'phantoms')}, {physics.img_size} px)"
+
+
 @dataclass
 class RecentFile:
     kind: str  # "scan" | "checkpoint" | "config"
@@ -53,8 +74,11 @@ class WorkbenchState:
     config_path: Optional[str] = None
     scan: Any = None  # engine.data.scans.Scan
     scan_path: Optional[str] = None
-    slices: Any = None  # np.ndarray [N, size, size] in [0, 1]
+    slices: Any = None  # np.ndarray [N, S, S] in [0, 1]: the scan's slices as displayed, S its own size
     slice_index: int = 0
+    scan_modality: str = "unknown"  # "ct" | "mri" | "unknown": from the file, or asked
+    modality_source: str = ""  # "the file" | "your choice" | "the settings"
+    reconstruct_size: str = "model"  # one of SIZE_CHOICES
     checkpoint_path: Optional[str] = None
     model: Any = None  # engine.inference.LoadedModel
     model_source: str = ""  # "checkpoint" | "config" | ""
@@ -97,21 +121,40 @@ class WorkbenchState:
         return self.slices[i]
 
     def data_window(self) -> Optional[tuple]:
-        """The config's HU window (low, high) for scans, or None for the scan's own range."""
+        """The config's HU window (low, high) for scans, or None for prepare_slices' automatic one."""
         window = list(self.config.data.window or [])
         return tuple(window) if len(window) == 2 else None
 
     def hu_range(self) -> Optional[tuple]:
-        """The HU range that displayed [0, 1] stands for: only for a CT scan in HU."""
-        scan = self.scan
-        if scan is not None and getattr(scan, "units", "") == "HU" and getattr(scan, "modality", "") == "ct":
-            return self.data_window()
-        return None
+        """The (low, high) HU that displayed [0, 1] stands for: only for a CT scan in HU."""
+        if self.scan is None or self.scan_modality != "ct":
+            return None
+        from workbench import backend  # engine.data.intensity: no torch
+
+        return backend.scan_hu_window(self.scan, self.data_window())
 
     def set_scan(self, path: str, scan, slices) -> None:
         self.scan, self.scan_path, self.slices = scan, path, slices
         n = 0 if slices is None else len(slices)
         self.slice_index = n // 2 if n else 0
+        self.scan_modality = str(getattr(scan, "modality", "unknown") or "unknown")
+        self.modality_source = "the file" if self.scan_modality != "unknown" else ""
+
+    @property
+    def n_slices(self) -> int:
+        return 0 if self.slices is None else len(self.slices)
+
+    def native_size(self) -> Optional[int]:
+        """The side of the displayed slices (the scan's own resolution), or None without a scan."""
+        return None if self.slices is None else int(self.slices.shape[-1])
+
+    def scan_name(self) -> str:
+        return os.path.basename(self.scan_path.rstrip("/")) if self.scan_path else ""
+
+    def scan_is_training_data(self) -> bool:
+        data = self.config.data
+        return bool(self.scan_path) and data.source == "files" and \
+            os.path.abspath(self.scan_path) in [os.path.abspath(p) for p in data.paths or []]
 
     def set_model(self, model, source: str, checkpoint_path: Optional[str] = None) -> None:
         self.model, self.model_source = model, source

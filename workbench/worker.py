@@ -10,7 +10,8 @@
   training thread executes between steps) instead of the trainer.
 * :class:`TaskRunner` runs short jobs (file loading, checkpoint I/O,
   reconstruction, equivariance) on a one-thread QThreadPool and calls back in
-  the GUI thread.
+  the GUI thread; a task given a :class:`~workbench.jobs.Job` shows its progress
+  (``active_jobs``) and can be cancelled.
 * :class:`GuiThreadGarbageCollection` keeps Python's cyclic garbage collector
   in the GUI thread while those threads run.
 """
@@ -30,6 +31,7 @@ from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Qt, QTimer,
 from engine.errors import EquiDEQError
 from engine.events import LogMessage, Observers, RunControl, RunFailed, RunFinished
 from workbench import backend
+from workbench.jobs import Job, JobCancelled
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +230,7 @@ class _Task(QRunnable):
             result, exc = self.fn(), None
         except BaseException as e:  # noqa: BLE001 - reported in the GUI thread
             result, exc = None, e
-            if not isinstance(e, (EquiDEQError, _Superseded)):
+            if not isinstance(e, (EquiDEQError, _Superseded, JobCancelled)):
                 log.error("background task failed:\n%s", traceback.format_exc())
         try:
             self.signals.done.emit(self.task_id, result, exc)
@@ -245,9 +247,15 @@ class TaskRunner(QObject):
 
     ``submit(..., supersede=True)`` makes a task replace every earlier one of the
     same name that has not finished: one not yet started never runs, and the
-    result of one already running is dropped (its callbacks are not called).
-    Moving to another slice or opening another scan thus never shows a stale
-    reconstruction under the new title.
+    result of one already running is dropped (its callbacks are not called; its
+    job, if any, is cancelled so that its solve stops early). Moving to another
+    slice or opening another scan thus never shows a stale reconstruction under
+    the new title.
+
+    ``submit(..., job=Job(...))`` makes the task visible to :meth:`active_jobs`
+    (the status bar shows its progress and a Cancel button); once its job is
+    cancelled, a task not yet started never runs, and whatever a running one
+    returns is dropped and ``on_cancel`` is called instead of ``on_done``.
     """
 
     busyChanged = Signal(bool)
@@ -260,6 +268,7 @@ class TaskRunner(QObject):
         self._signals.done.connect(self._on_done, Qt.ConnectionType.QueuedConnection)
         self._ids = itertools.count(1)
         self._callbacks: dict[int, tuple] = {}
+        self._jobs: dict[int, Job] = {}
         self._latest: dict[str, int] = {}  # name -> id of the newest superseding task of that name
         self._torch_ready = False
         self.closed = False  # set at shutdown: late results are dropped
@@ -268,21 +277,37 @@ class TaskRunner(QObject):
     def pending(self) -> int:
         return len(self._callbacks)
 
+    def active_jobs(self) -> list[Job]:
+        """The jobs of the tasks not finished yet, oldest first (GUI thread)."""
+        return [self._jobs[i] for i in sorted(self._jobs)]
+
+    def cancel_all(self) -> None:
+        for job in self.active_jobs():
+            job.cancel()
+
     def _stale(self, task_id: int, name: str, supersede: bool) -> bool:
         return supersede and self._latest.get(name, task_id) != task_id
 
     def submit(self, fn: Callable, on_done: Callable[[Any], None],
                on_error: Optional[Callable[[BaseException], None]] = None, name: str = "",
-               supersede: bool = False) -> int:
+               supersede: bool = False, job: Optional[Job] = None,
+               on_cancel: Optional[Callable[[], None]] = None) -> int:
         task_id = next(self._ids)
-        self._callbacks[task_id] = (on_done, on_error, name, supersede)
         if supersede:
+            for other, (_d, _e, other_name, other_supersedes, _c) in self._callbacks.items():
+                if other_supersedes and other_name == name and other in self._jobs:
+                    self._jobs[other].cancel()  # its result is dropped anyway: stop its solve now
             self._latest[name] = task_id
+        self._callbacks[task_id] = (on_done, on_error, name, supersede, on_cancel)
+        if job is not None:
+            self._jobs[task_id] = job
         runner = self
 
         def wrapped():
             if runner._stale(task_id, name, supersede):
                 raise _Superseded(name)  # skip the work: a newer task of this name is queued
+            if job is not None:
+                job.check()  # cancelled while queued: never runs
             if not runner._torch_ready:
                 try:
                     backend.configure_torch_thread()
@@ -298,10 +323,15 @@ class TaskRunner(QObject):
 
     @Slot(int, object, object)
     def _on_done(self, task_id: int, result, exc) -> None:
-        on_done, on_error, name, supersede = self._callbacks.pop(task_id, (None, None, "", False))
+        on_done, on_error, name, supersede, on_cancel = self._callbacks.pop(task_id, (None, None, "", False, None))
+        job = self._jobs.pop(task_id, None)
         if not self._callbacks:
             self.busyChanged.emit(False)
         if self.closed or isinstance(exc, _Superseded) or self._stale(task_id, name, supersede):
+            return
+        if isinstance(exc, JobCancelled) or (job is not None and job.cancelled):
+            if on_cancel is not None:
+                on_cancel()
             return
         if exc is not None:
             if on_error is not None:

@@ -7,7 +7,8 @@ Public API (everything a caller needs; the format modules are implementation):
   :data:`MAX_SCAN_BYTES` (memory per file; ``EQUIDEQ_MAX_SCAN_BYTES`` replaces it, see
   ``docs/limits.md``), :data:`MAX_VOXELS`, :data:`SUPPORTED_SUFFIXES`
 * intensity: :func:`window`, :data:`CT_WINDOWS`, :data:`AUTO_CT_WINDOW`,
-  :func:`normalise_magnitude`, :func:`to_square`, :func:`resize`, :func:`prepare_slices`
+  :func:`normalise_magnitude`, :func:`to_square`, :func:`resize`, :func:`prepare_slices`,
+  :func:`native_size`; back to HU: :func:`scan_hu_window`, :func:`to_hu`, :func:`from_hu`
 * datasets: :func:`slice_range`, :func:`load_training_images`
 * raw measurements (k-space, sinograms) as arrays and geometry, and their layouts:
   :mod:`engine.data.measurements` (imported on demand; it needs torch). Reading them
@@ -25,10 +26,14 @@ from engine.data.dicom import SeriesInfo, list_series
 from engine.data.intensity import (
     AUTO_CT_WINDOW,
     CT_WINDOWS,
+    from_hu,
+    native_size,
     normalise_magnitude,
     prepare_slices,
     resize,
     resolve_window,
+    scan_hu_window,
+    to_hu,
     to_square,
     window,
 )
@@ -49,10 +54,12 @@ __all__ = [
     "SeriesInfo",
     "VAL_SEED_OFFSET",
     "colin27_t1_path",
+    "from_hu",
     "invesalius_head_ct_path",
     "list_series",
     "load_scan",
     "load_training_images",
+    "native_size",
     "normalise_magnitude",
     "phantom_batch",
     "prepare_slices",
@@ -60,8 +67,10 @@ __all__ = [
     "random_ellipses",
     "resize",
     "resolve_window",
+    "scan_hu_window",
     "shepp_logan",
     "slice_range",
+    "to_hu",
     "to_square",
     "window",
 ]

@@ -33,7 +33,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.data.scans import Scan, ScanBudget, ScanLimits, check_finite, display_name, read_head
+from engine.data.scans import Scan, ScanBudget, ScanLimits, SourceImage, check_finite, display_name, read_head
 from engine.errors import ScanError
 
 __all__ = [
@@ -434,6 +434,7 @@ def _decode(ds, path: Path, budget: ScanBudget) -> tuple[np.ndarray, dict]:
         positions = [positions[i] for i in order]
     else:
         order = range(n)
+    sources = _source_images(ds, order, n)
     out = np.empty((n, rows, cols), dtype=np.float32)
     for k, f in enumerate(order):  # frames written in slice order: no reordering copy
         v = values(f)
@@ -442,9 +443,37 @@ def _decode(ds, path: Path, budget: ScanBudget) -> tuple[np.ndarray, dict]:
     info = {
         "modality": modality, "units": units, "positions": positions, "orientation": orientation,
         "spacing": spacing, "rescaled": found, "transfer_syntax": getattr(ts, "name", _as_str(ts)),
-        "padding": padding,
+        "padding": padding, "sources": sources, "frame_of_reference": _uid(_safe_get(ds, "FrameOfReferenceUID")),
+        "slice_thickness": _slice_thickness(ds),
     }
     return out, info
+
+
+def _uid(value) -> str:
+    """A DICOM UID as a string, or "" when missing or not a valid UID (digits and dots, at most 64)."""
+    text = _as_str(value)
+    parts = text.split(".")
+    if not text or len(text) > 64 or not all(p.isdigit() and (p == "0" or not p.startswith("0")) for p in parts):
+        return ""
+    return text
+
+
+def _source_images(ds, order, n: int) -> list:
+    """Per slice (in slice order), the :class:`SourceImage` it was read from, or None without valid UIDs."""
+    sop_class, sop_instance = _uid(_safe_get(ds, "SOPClassUID")), _uid(_safe_get(ds, "SOPInstanceUID"))
+    if not sop_class or not sop_instance:
+        return [None] * n
+    return [SourceImage(sop_class, sop_instance, f + 1 if n > 1 else None) for f in order]
+
+
+def _slice_thickness(ds) -> Optional[float]:
+    """SliceThickness in mm: the top-level one, else the shared functional groups' (Enhanced CT/MR)."""
+    raw = _safe_get(ds, "SliceThickness")
+    if raw is None:
+        item = _fg_item(ds, 0, "PixelMeasuresSequence")
+        raw = _safe_get(item, "SliceThickness") if item is not None else None
+    value = _floats([raw], 1) if raw is not None else None
+    return value[0] if value is not None and value[0] > 0 else None
 
 
 def _sort_order(positions, orientation, fallback_numbers, n) -> Optional[list[int]]:
@@ -472,6 +501,8 @@ def _metadata(ds, n_slices: int, info: dict, source: Path, extra: Optional[dict]
     if info.get("transfer_syntax"):
         meta["TransferSyntax"] = _as_str(info["transfer_syntax"])
     meta["Slices"] = str(n_slices)
+    if info.get("slice_thickness") is not None and "SliceThickness" not in meta:
+        meta["SliceThickness"] = f"{info['slice_thickness']:g}"
     meta["Units"] = info["units"]
     meta["Rescaled"] = "yes" if info.get("rescaled") else "no"
     if info.get("padding"):
@@ -503,6 +534,7 @@ def read_dicom_file(path, *, limits: Optional[ScanLimits] = None) -> Scan:
     return Scan(
         kind="image", images=images, modality=info["modality"], source=str(path), units=info["units"],
         spacing=info["spacing"], positions=info["positions"], orientation=info["orientation"], metadata=meta,
+        source_images=info["sources"], frame_of_reference_uid=info["frame_of_reference"],
     )
 
 
@@ -662,6 +694,7 @@ def read_dicom_folder(folder, *, series: Optional[str] = None, limits: Optional[
 
     stack = np.empty((total_frames, rows, cols), dtype=np.float32)
     all_positions: list = []
+    all_sources: list = []
     first_info = None
     k = 0
     for p, _ in members:
@@ -680,6 +713,7 @@ def read_dicom_folder(folder, *, series: Optional[str] = None, limits: Optional[
         k += frames.shape[0]
         fpos = finfo["positions"]
         all_positions.extend(fpos if fpos is not None else [None] * frames.shape[0])
+        all_sources.extend(finfo["sources"])
         if first_info is None:
             first_info, first_ds = finfo, ds
     stack = stack[:k]
@@ -692,4 +726,5 @@ def read_dicom_folder(folder, *, series: Optional[str] = None, limits: Optional[
         units=first_info["units"], spacing=first_info["spacing"],
         positions=all_positions if any(p is not None for p in all_positions) else None,
         orientation=first_info["orientation"], metadata=meta,
+        source_images=all_sources, frame_of_reference_uid=first_info["frame_of_reference"],
     )

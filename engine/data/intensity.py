@@ -15,11 +15,18 @@ to a float32 ``[N, size, size]`` stack in ``[0, 1]``:
 2. **Square.** Non-square slices are zero-padded (default) or centre-cropped to
    a square, see :func:`to_square`.
 3. **Resize** with antialiasing to ``size x size`` (:func:`resize`).
+
+Back to physical units: a reconstruction of a CT scan in HU is a ``[0, 1]``
+image on the same scale, so :func:`to_hu` maps it back through the window that
+:func:`prepare_slices` used (:func:`scan_hu_window` names it; None for scans not
+in HU, whose ``[0, 1]`` scale is relative) and :func:`from_hu` maps HU values
+onto that scale. :func:`native_size` is the side of a scan's slices after
+step 2, the size a reconstruction "at the scan's own resolution" has.
 """
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -36,6 +43,11 @@ __all__ = [
     "to_square",
     "resize",
     "prepare_slices",
+    "native_size",
+    "resampled_grid",
+    "scan_hu_window",
+    "to_hu",
+    "from_hu",
 ]
 
 #: CT display windows as (low, high) HU.
@@ -98,6 +110,94 @@ def window(images_hu: np.ndarray, low: float, high: float) -> np.ndarray:
 
 
 _apply_window = window  # prepare_slices' ``window`` argument shadows the function
+
+
+def to_hu(values, window: WindowSpec) -> np.ndarray:
+    """``[0, 1]`` values (a reconstruction, a displayed level) -> HU through ``window``, the one that made them.
+
+    The inverse of :func:`window` without its clipping: ``0`` is the window's low
+    end, ``1`` its high end, values outside ``[0, 1]`` map linearly beyond them.
+    ``window`` as :func:`resolve_window` takes it (``(low, high)`` HU, a preset
+    name, or None for :data:`AUTO_CT_WINDOW`). Float arrays keep their dtype
+    (float32 stays float32); anything else comes back as float64.
+    """
+    low, high = resolve_window(window)
+    x = np.asarray(values)
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    return x * x.dtype.type(high - low) + x.dtype.type(low)
+
+
+def from_hu(hu, window: WindowSpec) -> np.ndarray:
+    """HU -> the ``[0, 1]`` scale of ``window`` (no clipping): the inverse of :func:`to_hu`."""
+    low, high = resolve_window(window)
+    x = np.asarray(hu)
+    if x.dtype.kind != "f":
+        x = x.astype(np.float64)
+    return (x - x.dtype.type(low)) / x.dtype.type(high - low)
+
+
+def scan_hu_window(scan, window: WindowSpec = None) -> Optional[tuple[float, float]]:
+    """The (low, high) HU that :func:`prepare_slices` maps ``scan`` onto ``[0, 1]`` with; None when not in HU.
+
+    Scans in other units are scaled per volume (:func:`normalise_magnitude`):
+    their ``[0, 1]`` values have no physical unit to go back to.
+    """
+    if getattr(scan, "units", "") != "HU":
+        return None
+    return resolve_window(window)
+
+
+def native_size(scan, square: str = "pad") -> int:
+    """The side of ``scan``'s image slices once squared as :func:`prepare_slices` squares them.
+
+    The longer side when padding (the default), the shorter when cropping. Scans
+    of raw measurements count their reference images; without any, the size
+    is the measurement's to decide (:func:`engine.measured.measured_image_size`),
+    and this raises ScanError.
+    """
+    images = _image_slices(scan)
+    rows, cols = (int(s) for s in np.shape(images)[-2:])
+    if square == "crop":
+        return min(rows, cols)
+    if square != "pad":
+        raise ConfigError(f"square mode must be 'pad' or 'crop', got {square!r}")
+    return max(rows, cols)
+
+
+def resampled_grid(slice_shape, size: int, square: str = "pad") -> tuple[float, float, float]:
+    """Where :func:`prepare_slices` puts its output pixels in a source slice: ``(row0, col0, step)``.
+
+    Output pixel ``(i, j)`` of a ``size x size`` slice made from a ``slice_shape``
+    ``(H, W)`` slice has its centre at source pixel coordinates ``(row0 + i * step,
+    col0 + j * step)`` (pixel centres at integers): the slice is squared (padded or
+    cropped about its centre, :func:`to_square`) to side ``S``, then resampled with
+    pixel edges aligned (:func:`resize`), so ``step = S / size``. With the source's
+    pixel spacing and position this gives the output's (see :mod:`engine.export`).
+    """
+    rows, cols = (int(s) for s in slice_shape)
+    side = max(rows, cols) if square == "pad" else min(rows, cols)
+    if square not in ("pad", "crop"):
+        raise ConfigError(f"square mode must be 'pad' or 'crop', got {square!r}")
+    step = side / int(size)
+    # padding puts the source at (top, left) of the square; cropping takes the square from there
+    top, left = (side - rows) // 2, (side - cols) // 2
+    if square == "crop":
+        top, left = -((rows - side) // 2), -((cols - side) // 2)
+    first = 0.5 * step - 0.5  # centre of output pixel 0 in the squared slice's pixel coordinates
+    return first - top, first - left, step
+
+
+def _image_slices(scan) -> np.ndarray:
+    """The image slices of a Scan: its images, or its reference images for raw measurements."""
+    if scan.kind == "image" and scan.images is not None:
+        return scan.images
+    if scan.reference is not None:
+        return scan.reference
+    raise ScanError(
+        f"{scan.source or 'scan'}: holds {scan.kind} measurements without reference images; "
+        "image slices are needed here"
+    )
 
 
 def normalise_magnitude(images: np.ndarray, percentile: float = 99.5) -> np.ndarray:
@@ -180,16 +280,7 @@ def prepare_slices(scan, size: int, window: WindowSpec = None, square: str = "pa
     images (e.g. fastMRI ``reconstruction_rss``), which are then used.
     Raises ScanError when every slice is constant.
     """
-    if scan.kind == "image" and scan.images is not None:
-        images = scan.images
-    elif scan.reference is not None:
-        images = scan.reference
-    else:
-        raise ScanError(
-            f"{scan.source or 'scan'}: holds {scan.kind} measurements without reference images; "
-            "image slices are needed here"
-        )
-    x = np.asarray(images, dtype=np.float32)
+    x = np.asarray(_image_slices(scan), dtype=np.float32)
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3 or x.size == 0:

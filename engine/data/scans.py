@@ -34,6 +34,7 @@ from engine.errors import ConfigError, ScanError
 
 __all__ = [
     "Scan",
+    "SourceImage",
     "ScanBudget",
     "ScanLimits",
     "load_scan",
@@ -68,6 +69,19 @@ SUPPORTED_SUFFIXES = (
 )
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """The DICOM instance (and frame) one slice was read from: what an image derived from it names.
+
+    Three short strings per slice, so a scan of thousands of slices keeps a few
+    hundred kilobytes of them and never the DICOM datasets themselves.
+    """
+
+    sop_class_uid: str  #: SOPClassUID of the instance (e.g. CT Image Storage)
+    sop_instance_uid: str  #: its SOPInstanceUID
+    frame: Optional[int] = None  #: 1-based frame number within a multi-frame instance, None for single-frame
+
+
 @dataclass
 class Scan:
     """A loaded scan: image-domain slices or raw measurements plus display metadata.
@@ -90,6 +104,9 @@ class Scan:
     positions: Optional[list] = None  #: per-slice ImagePositionPatient
     orientation: Optional[tuple] = None  #: ImageOrientationPatient (6 direction cosines)
     metadata: dict = field(default_factory=dict)  #: str -> str, for the GUI info panel
+    #: per slice, the DICOM instance it came from (None for a slice whose file has no UIDs); DICOM scans only
+    source_images: Optional[list] = None
+    frame_of_reference_uid: str = ""  #: DICOM FrameOfReferenceUID of ``positions`` / ``orientation``
 
     @property
     def data(self) -> np.ndarray:

@@ -18,6 +18,13 @@ InVesalius ``.inv3`` layout (found in the real ``Cranium.inv3``)
     whose image origin is bottom-left, so rows are flipped here to the usual
     top-down display orientation (anterior at the top for axial CT).
 
+NIfTI modality
+    Only what the header says: its ``intent_name``, ``descrip`` or ``aux_file``
+    naming CT or an MR sequence (:func:`_nifti_modality`). Otherwise the
+    modality is "unknown" -- values that look like Hounsfield units are noted in
+    ``metadata["ModalityHint"]`` but never taken as CT. A header that says CT
+    gives units "HU" when the values reach air (below -500).
+
 NIfTI orientation
     The volume is reoriented to the closest canonical RAS+ orientation and every
     axial slice (last axis, inferior to superior) is shown in radiological
@@ -31,6 +38,7 @@ import contextlib
 import io
 import logging
 import plistlib
+import re
 import tarfile
 import warnings
 import zipfile
@@ -397,7 +405,7 @@ def read_nifti(path, *, limits: Optional[ScanLimits] = None) -> Scan:
             zooms = [1.0, 1.0, 1.0]
             for i in range(3):
                 zooms[int(ornt[i, 0])] = raw_zooms[i]
-            descrip = img.header.get("descrip")
+            header_text = {key: _header_text(img.header.get(key)) for key in ("descrip", "intent_name", "aux_file")}
     except ScanError:
         raise
     except Exception as exc:
@@ -410,18 +418,52 @@ def read_nifti(path, *, limits: Optional[ScanLimits] = None) -> Scan:
     # RAS+ [x, y, z] -> slices [z, rows = y descending (anterior top), cols = x descending (patient right left)]
     vol = np.ascontiguousarray(np.transpose(data[::-1, ::-1, :], (2, 1, 0)), dtype=np.float32)
     check_finite(vol, path)
-    vmin, vmax = float(vol.min()), float(vol.max())
-    if vmin < -500.0 and vmax > 0.0:
-        modality, units = "ct", "HU"
-        extra["ModalityGuess"] = "CT (values below -500 look like Hounsfield units)"
+    modality, said_by = _nifti_modality(header_text)
+    looks_hu = float(vol.min()) < -500.0 and float(vol.max()) > 0.0  # air at about -1000 HU
+    if modality == "ct":
+        units = "HU" if looks_hu else "arbitrary"
+        extra["Modality"] = f"CT ({said_by})"
+    elif modality == "mri":
+        units = "magnitude"
+        extra["Modality"] = f"MR ({said_by})"
     else:
-        modality, units = "unknown", "arbitrary"
-    if descrip is not None:
-        text = descrip.tobytes().decode("latin-1", errors="replace").strip("\x00 ") if hasattr(descrip, "tobytes") else str(descrip)
-        if text:
-            extra["Description"] = text[:80]
+        # the header does not say: never guess CT from the values (an MR image can have negative
+        # values too); say what they look like, for whoever chooses the modality
+        units = "arbitrary"
+        if looks_hu:
+            extra["ModalityHint"] = "values below -500 look like CT in Hounsfield units; the header does not say"
+    if header_text["descrip"]:
+        extra["Description"] = header_text["descrip"][:80]
     return image_scan(vol, path, modality=modality, units=units, spacing=(zooms[1], zooms[0]),
                       metadata={"Format": "NIfTI", "VoxelSize": "x".join(f"{z:g}" for z in zooms), **extra})
+
+
+#: Words in a NIfTI header's text fields (descrip, intent_name, aux_file) that say the modality.
+_NIFTI_CT_WORDS = re.compile(r"\b(ct|computed tomography|hounsfield|hu)\b", re.IGNORECASE)
+_NIFTI_MR_WORDS = re.compile(r"\b(mr|mri|magnetic resonance|t1w?|t2w?|pdw?|flair|dwi|dti|bold|fmri|epi|mprage)\b"
+                             r"|\bte=\s*[1-9]", re.IGNORECASE)
+
+
+def _header_text(value) -> str:
+    """A NIfTI header string field as text ("" when empty)."""
+    if value is None:
+        return ""
+    raw = value.tobytes() if hasattr(value, "tobytes") else str(value).encode("latin-1", errors="replace")
+    return raw.decode("latin-1", errors="replace").strip("\x00 ")
+
+
+def _nifti_modality(header_text: dict) -> tuple[str, str]:
+    """("ct" | "mri" | "unknown", which field said so) from the header's text fields.
+
+    Only what the header states counts (dcm2niix writes ``TE=...`` for MR, other
+    tools the sequence or modality name); both or neither -> "unknown".
+    """
+    for key in ("intent_name", "descrip", "aux_file"):
+        text = header_text.get(key, "")
+        ct, mr = bool(_NIFTI_CT_WORDS.search(text)), bool(_NIFTI_MR_WORDS.search(text))
+        if ct != mr:
+            return ("ct" if ct else "mri"), f"header {key} '{text[:40]}'"
+    return "unknown", ""
 
 
 # -- InVesalius -----------------------------------------------------------------------------

@@ -415,8 +415,7 @@ class SolverInspectorFeature:
                                               "looks like and how the inspector explains it")
         run_menu.addSeparator()
         run_menu.addActions([self.act_inspector, self.act_pause_on_divergence])
-        help_menu = window.menuBar().addMenu("&Help")
-        help_menu.addAction(self.act_demonstration)
+        window.help_menu.addAction(self.act_demonstration)
         window.toolbar.addSeparator()
         window.toolbar.addAction(self.act_inspector)
 

@@ -40,7 +40,7 @@ class InfoPanel(QWidget):
         self.slice_box = QSpinBox()
         self.slice_box.setRange(0, 0)
         self.slice_box.setEnabled(False)
-        self.slice_box.setToolTip("Slice of the opened scan used for Reconstruct and Equivariance")
+        self.slice_box.setToolTip("Slice of the opened scan shown in the viewer (Reconstruct and Equivariance use it)")
         self.slice_box.valueChanged.connect(self.sliceChanged)
         self.slice_count = QLabel("")
         self.model_label = QLabel("Model: untrained (from config)")
@@ -82,6 +82,20 @@ class InfoPanel(QWidget):
         self.slice_box.setEnabled(n_slices > 1)
         self.slice_box.blockSignals(False)
         self.slice_count.setText(f"of {n_slices}" if n_slices else "")
+
+    def show_slice(self, index: int, n_slices: int) -> None:
+        """The viewer moved to ``index`` (without emitting sliceChanged)."""
+        self.slice_box.blockSignals(True)
+        self.slice_box.setRange(0, max(0, n_slices - 1))
+        self.slice_box.setValue(index)
+        self.slice_box.blockSignals(False)
+
+    def set_row(self, key: str, value: str) -> None:
+        """Replace the value of the first row named ``key`` (the scan's modality once decided)."""
+        for i in range(self.table.rowCount()):
+            if self.table.item(i, 0).text() == key:
+                self.table.setItem(i, 1, QTableWidgetItem(value))
+                return
 
     def rows(self) -> dict:
         return {self.table.item(i, 0).text(): self.table.item(i, 1).text() for i in range(self.table.rowCount())}

@@ -31,4 +31,11 @@ class ViewLinker:
     def reset(self) -> None:
         """Fit every view to its own data (after the image shape changed)."""
         for v in self.views:
-            v.autoRange(padding=0.0)
+            fit_to_data(v)
+
+
+def fit_to_data(view) -> None:
+    """Fit ``view`` (a ViewBox) to its items at its next paint, not now: a view on a page not shown yet
+    has no size, and fitting it now would keep the previous image's range (until the user pans or zooms)."""
+    view.setDefaultPadding(0.0)
+    view.enableAutoRange()

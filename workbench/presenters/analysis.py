@@ -9,8 +9,16 @@ The model is chosen in the GUI thread and resolved in the task thread:
 * else a model built from the config, which the task hands back through its
   result and ``on_done`` keeps for the next request (until the config changes).
 
-The input is the chosen slice of the opened scan (re-prepared when the model's
-image size differs from the displayed slices), or a phantom without a scan.
+The input is the chosen slice of the opened scan, at the size chosen for
+Reconstruct (the model's own, the scan's own or a fixed one: the model is then
+``backend.model_at_size``, the same weights with the operator built for that
+size), or a phantom without a scan. Nothing here runs by itself when the slice
+changes: Reconstruct is asked for.
+
+Every request is a :class:`~workbench.jobs.Job` the status bar shows with a
+Cancel button. Cancelling stops the solve in progress within one iteration (the
+engine's ``RunControl``, :func:`~workbench.backend.solves_stopped_by`) and the
+error-vs-angle curve between angles; whatever a cancelled task returns is dropped.
 
 Every task sets the model's solve settings from the settings dock first
 (:func:`use_settings`): a trained model's own solver / step values are
@@ -21,19 +29,19 @@ refused blocks the request (:func:`~workbench.presenters.config.refuse_invalid_s
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import numpy as np
 
 from workbench import backend, inspection
+from workbench.jobs import Job
 from workbench.panels.reconstructions_model import snapshot_from_result
 from workbench.presenters.config import (fixed_by_weights, flat_settings, format_setting, overridable,
                                          refuse_invalid_settings)
 from workbench.presenters.events import PanelModels
 from workbench.presenters.run import RECONSTRUCTION_PANELS, RunPresenter
-from workbench.state import WorkbenchState
+from workbench.state import WorkbenchState, reconstruction_size
 
 CURVE_ANGLES = tuple(range(0, 361, 15))
 #: the solve settings the info panel lists for a reconstruction, with their labels
@@ -97,6 +105,11 @@ def use_settings(loaded, config, source: str) -> ReconstructionSettings:
     return ReconstructionSettings(backend.solve_settings(loaded), source, overridden, refused)
 
 
+def model_size(model) -> int:
+    """The image size a LoadedModel reconstructs."""
+    return int(model.config.physics.img_size)
+
+
 def solve_outcome(record) -> str:
     """How a solve ended, e.g. "anderson \u2192 fixed_point fallback, 51 iterations (max 40), converged"."""
     cap = f" (max {record.max_iter})" if record.max_iter else ""
@@ -109,6 +122,7 @@ class ModelRun(NamedTuple):
     result: Any
     built: Any  # the model it built from the config, or None
     settings: ReconstructionSettings
+    size: int = 0  # the image size it ran at
 
 
 class AnalysisView(Protocol):
@@ -120,6 +134,7 @@ class AnalysisView(Protocol):
     def show_reconstruction_settings(self, text: str) -> None: ...
     def mark_stale(self, panels: tuple, note: str) -> None: ...
     def show_invalid_setting(self, key: str) -> None: ...
+    def show_busy(self, job: Job) -> None: ...
     def set_status(self, text: str) -> None: ...
     def log_message(self, level: str, message: str) -> None: ...
     def report_error(self, title: str, message: Any, log: bool = True) -> None: ...
@@ -134,6 +149,7 @@ class AnalysisPresenter:
         self.view, self.state, self.tasks, self.run, self.panels = view, state, tasks, run, panels
         self.training_model = backend.TrainerModelView()  # used in the task thread only
         self.last_refused: dict = {}  # the settings the latest reconstruction could not apply
+        self.probed: Optional[tuple] = None  # (scan path, slice) the equivariance panel's results are of
 
     # -- the model and the input (captured in the GUI thread, resolved in the task thread) --------
     def _model_getter(self) -> Callable[[], tuple[Any, Any]]:
@@ -163,17 +179,15 @@ class AnalysisPresenter:
         return f"config '{config.run.name}'" + (f" ({self.state.config_path})" if self.state.config_path else "")
 
     def _image_getter(self) -> Callable[[Any], np.ndarray]:
+        """A function giving the input image for a model: the viewed slice at the model's size, or a phantom."""
         scan, slices, index = self.state.scan, self.state.slices, self.state.slice_index
-        window = self.state.data_window()
 
         def image_for(model) -> np.ndarray:
-            size = int(model.config.physics.img_size)
-            if scan is None:
+            size = model_size(model)
+            if scan is None or slices is None:
                 return backend.default_images(model.config, 1)[0]
-            stack = slices
-            if stack is None or stack.shape[-1] != size:
-                stack = backend.prepare_slices(scan, size, window=window)
-            return np.asarray(stack[min(max(0, index), len(stack) - 1)], dtype=np.float32)
+            image = np.asarray(slices[min(max(0, index), len(slices) - 1)], dtype=np.float32)
+            return image if image.shape[-1] == size else backend.resize_image(image, size)
 
         return image_for
 
@@ -182,32 +196,54 @@ class AnalysisPresenter:
         if built is not None and self.state.model is None and not self.state.use_training_weights:
             self.state.set_model(built, "config")
 
-    def _on_model(self, compute: Callable[[Any, np.ndarray], Any]) -> Callable[[], ModelRun]:
-        """A task computing ``compute(model, image)`` with the dock's solve settings on the model."""
+    def _on_model(self, compute: Callable[[Any, np.ndarray], Any], job: Job) -> Callable[[], ModelRun]:
+        """A task computing ``compute(model, image)`` with the dock's solve settings on the model, at the
+        chosen size; cancelling ``job`` stops its solves."""
         get_model, get_image = self._model_getter(), self._image_getter()
         config, source = self.state.config, self._model_source()
+        size_choice, native = self.state.reconstruct_size, self.state.native_size()
 
-        def job():
+        def task():
             model, built = get_model()
             settings = use_settings(model, config, source)
-            return ModelRun(compute(model, get_image(model)), built, settings)
+            size = reconstruction_size(size_choice, model_size(model), native)
+            job.advance(0, detail=f"{size} px" if size != model_size(model) else "")
+            sized = backend.model_at_size(model, size)  # the engine keeps it: built once per size
+            if sized is not model:  # the dock's solve settings on the model that solves
+                backend.apply_solve_settings(sized, {key: value for key, value in flat_settings(config).items()
+                                                     if overridable(key)})
+            job.check()
+            with backend.solves_stopped_by(sized, job):
+                result = compute(sized, get_image(sized))
+            job.check()
+            return ModelRun(result, built, settings, size)
 
-        return job
+        return task
+
+    def _submit(self, job: Job, task, done, on_error, name: str, supersede: bool, cancelled) -> None:
+        self.view.show_busy(job)
+        self.tasks.submit(task, done, on_error, name=name, supersede=supersede, job=job, on_cancel=cancelled)
+
+    def _viewing(self) -> Optional[tuple]:
+        """(scan path, slice) the requests are about, or None for a phantom."""
+        return (self.state.scan_path, int(self.state.slice_index)) if self.state.scan_path else None
 
     # -- requests ------------------------------------------------------------------------------
-    def slice_chosen(self, index: int) -> None:
-        self.state.slice_index = int(index)
-        self.reconstruct()
-
     def reconstruct(self, then: Optional[Callable] = None) -> None:
-        """Reconstruct the current slice (or a phantom); ``then()`` runs after it is shown."""
+        """Reconstruct the viewed slice (or a phantom) at the chosen size; ``then()`` runs after it is shown."""
         if refuse_invalid_settings(self.view, self.state, "Reconstruct"):
             return
-        label = (f"slice {self.state.slice_index} of {os.path.basename(self.state.scan_path.rstrip('/'))}"
-                 if self.state.scan_path else "phantom")
+        source = self._viewing()
+        name = self.state.scan_name()
+        label = f"slice {source[1]} of {name}" if source else "phantom"
+        job = Job(f"Reconstructing {label}")
+        trained_size = int(self.state.config.physics.img_size)
 
         def compute(model, image):
-            snapshot, stats = snapshot_from_result(model.reconstruct(image[None]), f"Reconstruct: {label}")
+            size = model_size(model)
+            at = f" at {size}\u00d7{size}" if size != trained_size else ""  # the model's own size goes unsaid
+            snapshot, stats = snapshot_from_result(model.reconstruct(image[None]), f"Reconstruct: {label}{at}")
+            snapshot["source"] = source
             if stats is not None and hasattr(stats, "to_event"):  # numpy conversion off the GUI thread
                 stats = inspection.reconstruction_event(model, stats, label)  # with its recording: inspectable
             return snapshot, stats
@@ -226,27 +262,40 @@ class AnalysisPresenter:
                     self.view.log_message("warning", f"solver statistics of the reconstruction not shown: {exc}")
             self.view.mark_stale(RECONSTRUCTION_PANELS, "")
             self.view.show_reconstruction_settings(settings.describe(solve))
-            self.view.log_message("info", f"reconstructed {label} ({settings.summary()})")
+            where = f"{label} at {outcome.size} px"
+            self.view.log_message("info", f"reconstructed {where} ({settings.summary()})")
             if settings.refused and settings.refused != self.last_refused:  # said once, not at every slice
                 self.view.log_message("warning", "Reconstruct did not apply " + ", ".join(settings.refused)
                                       + ": a trained model's physics, network and fixed-point form are fixed by "
                                         "its weights (they apply to the next Train)")
-            self.view.set_status(f"Reconstructed {label} ({settings.summary()})")
+            self.view.set_status(f"Reconstructed {where} ({settings.summary()})")
             self.last_refused = settings.refused
             self.view.request_equivariance()
             if then:
                 then()
 
-        self.view.set_status("Reconstructing…")
+        def cancelled():
+            self.view.set_status(f"Reconstruction of {label} cancelled: its solve was stopped and nothing is shown")
+            self.view.log_message("info", f"reconstruction of {label} cancelled")
+
+        self.view.set_status(f"Reconstructing {label}…")
         # a newer reconstruction (another slice, scan or model) replaces one still queued or running,
         # unless a caller waits for this one (then)
-        self.tasks.submit(self._on_model(compute), done,
-                          lambda exc: self.view.report_error("Reconstruction failed", exc), name="reconstruct",
-                          supersede=then is None)
+        self._submit(job, self._on_model(compute, job), done,
+                     lambda exc: self.view.report_error("Reconstruction failed", exc), "reconstruct",
+                     then is None, cancelled)
 
     def _equivariance_failed(self, exc: BaseException) -> None:
         self.view.equivariance_failed()
         self.view.report_error("Equivariance failed", exc)
+
+    def _equivariance_cancelled(self, what: str) -> Callable[[], None]:
+        def cancelled():
+            self.view.equivariance_failed()  # the panel's controls are free again
+            self.view.set_status(f"{what} cancelled")
+            self.view.log_message("info", f"{what} cancelled")
+
+        return cancelled
 
     def _probe_refused(self) -> bool:
         if refuse_invalid_settings(self.view, self.state, "Equivariance"):
@@ -257,26 +306,50 @@ class AnalysisPresenter:
     def equivariance(self, angle: float) -> None:
         if self._probe_refused():
             return
+        source = self._viewing()
+        job = Job(f"Equivariance probe at {float(angle):.0f}\u00b0")
 
         def done(outcome: ModelRun):
             self._keep_built(outcome.built)
+            self.probed = source
             self.view.show_equivariance(angle, outcome.result)
 
-        self.tasks.submit(self._on_model(lambda model, image: model.equivariance(image, float(angle))), done,
-                          self._equivariance_failed, name="equivariance", supersede=True)  # the latest angle wins
+        self._submit(job, self._on_model(lambda model, image: model.equivariance(image, float(angle)), job), done,
+                     self._equivariance_failed, "equivariance", True,  # the latest angle wins
+                     self._equivariance_cancelled(job.title))
 
     def equivariance_curve(self) -> None:
+        """The equivariance error at every angle of CURVE_ANGLES, one probe after another (cancellable between them)."""
         if self._probe_refused():
             return
         angles = np.asarray(CURVE_ANGLES, dtype=np.float64)
+        source = self._viewing()
+        job = Job("Equivariance error vs angle")
+
+        def compute(model, image):
+            errors = []
+            for i, angle in enumerate(angles):
+                job.advance(i, len(angles), f"{angle:.0f}\u00b0")
+                job.check()
+                errors.append(float(model.equivariance(image, float(angle)).error))
+            job.advance(len(angles), len(angles))
+            return angles, np.asarray(errors)
 
         def done(outcome: ModelRun):
             curve_angles, errors = outcome.result
             self._keep_built(outcome.built)
+            self.probed = source
             self.view.show_equivariance_curve(curve_angles, errors)
 
-        self.tasks.submit(self._on_model(lambda model, image: model.equivariance_curve(image, angles)), done,
-                          self._equivariance_failed, name="equivariance curve", supersede=True)
+        self._submit(job, self._on_model(compute, job), done, self._equivariance_failed, "equivariance curve", True,
+                     self._equivariance_cancelled("Error vs angle"))
+
+    def equivariance_note(self) -> str:
+        """Why the equivariance panel's results no longer fit the viewed slice ("" when they do)."""
+        viewing = self._viewing()
+        if self.probed is None or viewing is None or self.probed == viewing:
+            return ""
+        return f"stale: slice {self.probed[1]}"
 
     def metrics(self, snapshot: dict, jobs: list) -> None:
         """PSNR / SSIM of the snapshot's views against its reference (``jobs``: (view, image, reference))."""

@@ -5,8 +5,10 @@ The rules, in one place:
 * a dropped or recent path is a checkpoint or a config by its suffix
   (:func:`~workbench.state.classify_path`), a folder is a DICOM series, anything
   else a scan;
-* opening a 2D image scan while no run is in progress makes it the training
-  data (``data.source = files``); every opened scan is reconstructed at once;
+* an opened scan is shown at once and handed to the scan presenter
+  (:mod:`~workbench.presenters.scan`: modality, slices, training data); it is
+  reconstructed only when asked, and becomes the training data only when the
+  user says so;
 * opening a checkpoint makes its model the one Reconstruct uses and, while no
   run is in progress, its config the current one (keeping opened scan files
   as the data when the checkpoint was trained on phantoms);
@@ -32,9 +34,11 @@ import numpy as np
 from engine.config import load_config, save_config
 from engine.errors import ConfigError, EquiDEQError
 from workbench import backend
+from workbench.jobs import Job
 from workbench.panels.reconstructions_model import ReconstructionsModel
 from workbench.presenters.config import ConfigPresenter
 from workbench.presenters.run import RunPresenter
+from workbench.presenters.scan import ScanPresenter
 from workbench.presenters.settings import SettingsPresenter
 from workbench.state import CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES, WorkbenchState, classify_path
 
@@ -69,7 +73,6 @@ class FilesView(Protocol):
     def ask_folder(self, title: str, start: str) -> str: ...
     def ask_save_file(self, title: str, file_filter: str, start: str) -> tuple[str, str]: ...
     def confirm(self, title: str, question: str) -> bool: ...
-    def show_scan(self, scan, path: str, n_slices: int, index: int) -> None: ...
     def show_recent(self, recent: list) -> None: ...
     def show_title(self, title: str) -> None: ...
     def show_model_info(self, text: str) -> None: ...
@@ -79,22 +82,25 @@ class FilesView(Protocol):
     def set_status(self, text: str) -> None: ...
     def log_message(self, level: str, message: str) -> None: ...
     def report_error(self, title: str, message: Any, log: bool = True) -> None: ...
+    def show_busy(self, job: Job) -> None: ...
 
 
 class FilesPresenter:
     """File > Open / Save / Export, recent files and drops.
 
-    ``reconstruct(then)`` is called after a scan or checkpoint has been opened;
-    ``displayed`` is the reconstructions panel's model (what Export writes).
+    ``reconstruct(then)`` is called after a checkpoint has been opened; an opened
+    scan goes to ``scans`` (shown, not reconstructed); ``displayed`` is the
+    reconstructions panel's model (what Export writes).
     """
 
     def __init__(self, view: FilesView, state: WorkbenchState, tasks, settings: SettingsPresenter,
                  config: ConfigPresenter, run: RunPresenter, reconstruct: Callable[[Optional[Callable]], None],
-                 displayed: ReconstructionsModel) -> None:
+                 displayed: ReconstructionsModel, scans: ScanPresenter) -> None:
         self.view, self.state, self.tasks = view, state, tasks
         self.settings, self.config, self.run = settings, config, run
         self.reconstruct = reconstruct
         self.displayed = displayed
+        self.scans = scans
 
     def _remember(self, kind: str, path: str) -> None:
         self.state.add_recent(kind, path)
@@ -133,36 +139,35 @@ class FilesPresenter:
             self.open_scan(path)
 
     def open_scan(self, path: str, then: Optional[Callable] = None) -> None:
-        size = int(self.state.config.physics.img_size)
+        """Read a scan and show it at its own resolution; ``then()`` runs once it is shown.
+
+        Cancelling lets the reader finish (a file read cannot stop half-way) and drops what it read.
+        """
         window = self.state.data_window()
         name = os.path.basename(str(path).rstrip("/")) or str(path)
+        job = Job(f"Opening {name}")
 
-        def job():
+        def task():
             scan = backend.load_scan(path)
-            return scan, backend.prepare_slices(scan, size, window=window)
+            job.check()
+            return scan, backend.prepare_slices(scan, backend.display_size(scan), window=window)
 
         def done(result):
             scan, slices = result
-            self.state.set_scan(path, scan, np.asarray(slices, dtype=np.float32))
             self._remember("scan", path)
-            self.view.show_scan(scan, path, len(slices), self.state.slice_index)
-            self.config.show_hu_range()
-            self.view.show_title(self.state.title())
-            self.view.log_message("info", f"opened scan {scan.summary() if hasattr(scan, 'summary') else name}")
-            if getattr(scan, "kind", "image") == "image" and not self.run.lifecycle.run_in_progress:
-                try:
-                    cfg = self.state.config.replace(**{"data.source": "files", "data.paths": [os.path.abspath(path)]})
-                    self.config.set_config(cfg, log=False)
-                    self.view.log_message("info", f"training data is now {name} (data.source = files)")
-                except ConfigError as exc:
-                    self.view.log_message("warning", str(exc))
-            self.view.raise_panel("info")
-            self.reconstruct(then)
+            self.scans.opened(path, scan, np.asarray(slices, dtype=np.float32))
+            if then:
+                then()
+
+        def cancelled():
+            self.view.set_status(f"Opening {name} cancelled")
+            self.view.log_message("info", f"opening {name} cancelled")
 
         self.view.set_status(f"Opening {name}…")
+        self.view.show_busy(job)
         # a newer scan replaces one still loading, unless a caller waits for this one (then)
-        self.tasks.submit(job, done, lambda exc: self.view.report_error("Cannot open scan", exc), name="open scan",
-                          supersede=then is None)
+        self.tasks.submit(task, done, lambda exc: self.view.report_error("Cannot open scan", exc), name="open scan",
+                          supersede=then is None, job=job, on_cancel=cancelled)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def open_checkpoint_dialog(self) -> None:
@@ -189,11 +194,15 @@ class FilesPresenter:
             self.view.log_message("info", f"opened checkpoint {name}")
             self.run.show_actions()
             self.view.clear_equivariance()
+            self.scans.checkpoint_opened()
             self.reconstruct(then)
 
+        job = Job(f"Opening {name}")
         self.view.set_status(f"Opening {name}…")
+        self.view.show_busy(job)
         self.tasks.submit(lambda: backend.load_model(path), done,
-                          lambda exc: self.view.report_error("Cannot open checkpoint", exc), name="open checkpoint")
+                          lambda exc: self.view.report_error("Cannot open checkpoint", exc), name="open checkpoint",
+                          job=job, on_cancel=lambda: self.view.set_status(f"Opening {name} cancelled"))
 
     def save_checkpoint_dialog(self) -> None:
         path, _ = self._ask_save("Save checkpoint as", CHECKPOINT_FILTER, "model.pt")
@@ -246,8 +255,16 @@ class FilesPresenter:
             self.view.report_error("Nothing to export", "No reconstruction is displayed yet.")
             return
         snap = self.displayed.current()
-        window = self.view.displayed_levels() if path.lower().endswith(".png") else None
-        scan = self.state.scan
+        levels = self.view.displayed_levels()
+        # a reconstruction of the opened scan keeps its lineage (slice, geometry) and, for CT in HU, its units
+        of_scan = snap.get("source") is not None and snap["source"][0] == self.state.scan_path
+        scan, source_slice = (self.state.scan, snap["source"][1]) if of_scan else (None, None)
+        hu = self.state.hu_range() if of_scan else None
+        if hu is not None:
+            image = backend.to_hu(image, hu).astype(np.float32)
+            levels = tuple(float(v) for v in backend.to_hu(np.asarray(levels, dtype=np.float64), hu))
+        window = levels  # applied to a PNG, recorded by the other formats (DICOM: WindowCenter / WindowWidth)
+        units = "HU" if hu is not None else None
         checkpoint_name = os.path.basename(self.state.checkpoint_path or "")
         description = f"EquiDEQ reconstruction ({snap.get('label', '')})"
         inputs = [self.state.scan_path, self.state.checkpoint_path]  # never written over, even if confirmed
@@ -259,6 +276,7 @@ class FilesPresenter:
                 then()
 
         self.tasks.submit(lambda: backend.export_image(image.copy(), path, window=window, source_scan=scan,
+                                                       source_slice=source_slice, units=units,
                                                        description=description, checkpoint_name=checkpoint_name,
                                                        inputs=inputs),
                           done, lambda exc: self.view.report_error("Export failed", exc), name="export")

@@ -26,7 +26,7 @@ from typing import Callable, Optional, Protocol
 
 from workbench import backend
 from workbench.presenters.config import refuse_invalid_settings
-from workbench.state import WorkbenchState
+from workbench.state import WorkbenchState, training_data_text
 
 CLOSE_GRACE_MS = 20000  # after this, close even if the engine has not come back (without killing it)
 
@@ -172,7 +172,8 @@ class RunPresenter:
         if not self.controller.start(cfg, run_dir=run_dir, resume_from=resume):
             return False
         self.lifecycle.advance(RunPhase.STARTING)
-        self.view.log_message("info", "training started" + (f" from {os.path.basename(resume)}" if resume else ""))
+        self.view.log_message("info", "training started" + (f" from {os.path.basename(resume)}" if resume else "")
+                              + f" on {training_data_text(cfg)}")
         self.view.set_status("Starting training…")
         self.view.set_settings_editable(False)
         self.show_actions()
