@@ -319,11 +319,11 @@ def deepinv_iteration(model, x, y, physics):
 # One training step
 # ---------------------------------------------------------------------------------------
 
-def make_loss():
+def make_loss(ei_warm_start=False):
     from engine.config import LossConfig
     from engine.losses import TrainingLoss
 
-    return TrainingLoss(LossConfig(mode="ei", ei_weight=1.0))
+    return TrainingLoss(LossConfig(mode="ei", ei_weight=1.0, ei_warm_start=ei_warm_start))
 
 
 def train_step(model, params, loss_fn, noise, y, physics, seed):
@@ -450,6 +450,35 @@ def profile_step(label, run_step, top=15):
     print("```")
 
 
+def warm_start_rows(args, model, params, noise, y, physics, g_ref, solves):
+    """The engine with each warm-start option off / on: F-evaluations, VJPs, time, gradient error.
+
+    ``loss.ei_warm_start``: EI's second model call starts at ``T_g x1`` instead of
+    ``A^dagger(A T_g x1)``. One warm-up step each, then ``--repeats`` interleaved steps (median).
+    """
+    variants = {"off": make_loss(False), "on": make_loss(True)}
+    rows, times = {}, {k: [] for k in variants}
+    for name, loss in variants.items():
+        solves.clear()
+        _, _, grad, counts = train_step(model, params, loss, noise, y, physics, args.seed)
+        fwd = [s.max_iterations_used for d, s in solves if d == "forward"]
+        bwd = [s.max_iterations_used for d, s in solves if d == "backward"]
+        rows[name] = (counts, grad, fwd, bwd)
+    for _ in range(max(args.repeats, 1)):
+        for name, loss in variants.items():
+            times[name].append(train_step(model, params, loss, noise, y, physics, args.seed)[0])
+    print("\n### Warm starts (engine, (a)'s solvers; median of "
+          f"{max(args.repeats, 1)} interleaved steps after 1 warm-up each)\n")
+    print("| loss.ei_warm_start | forward F-evals | forward iterations (MC call, EI call) | backward VJPs "
+          "| wall time per step (s) | gradient rel. error |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, (c, grad, fwd, bwd) in rows.items():
+        err = f"{rel_err(grad, g_ref):.2e}" if g_ref is not None else "n/a"
+        print(f"| {name} | {c['solve']} + {c['graph']} | {', '.join(map(str, fwd))} | {c['vjp']} "
+              f"| {statistics.median(times[name]):.2f} | {err} |")
+    print(f"grad(on) vs grad(off): rel. difference {rel_err(rows['on'][1], rows['off'][1]):.2e}")
+
+
 # ---------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------
@@ -481,6 +510,8 @@ def main(argv=None) -> int:
     p.add_argument("--ref-max-iter", type=int, default=400)
     p.add_argument("--profile", action="store_true", help="cProfile + torch.profiler breakdown of one step of each")
     p.add_argument("--no-reference", action="store_true", help="skip the reference gradient")
+    p.add_argument("--no-warm-starts", action="store_true",
+                   help="skip the engine's warm-start rows (loss.ei_warm_start off / on)")
     p.add_argument("--floor", action="store_true",
                    help="also report the float32 gradient floor (engine at tol 1e-7) against the reference")
     args = p.parse_args(argv)
@@ -640,6 +671,9 @@ def main(argv=None) -> int:
     for name in models:
         if "count_changes" in meta[name]:
             print(f"note: counts of {name} varied between steps: {meta[name]['count_changes']}")
+
+    if not args.no_warm_starts:
+        warm_start_rows(args, model_a, params, noise, y, physics, g_ref, solves)
 
     if args.deepinv_eps_sweep:
         print("\n### deepinv Anderson ridge sweep (one step each, not interleaved: times are indicative only)\n")

@@ -11,6 +11,11 @@ All terms are deepinv loss classes, called on our DEQ through deepinv's
 
 Self-supervised total: ``MC + alpha * EI``.
 
+**Warm start of EI's second call** (``loss.ei_warm_start``, default off): the
+second solve starts at ``T_g x1`` instead of ``A^dagger(A T_g x1)``; the fixed
+point and the implicit gradient are unchanged (see :meth:`TrainingLoss.ei_term`;
+measured in ``benchmarks/README.md``).
+
 **MC at the noise floor (discrepancy principle).** With Gaussian noise of known
 ``sigma`` the residual of the *true* image is noise, ``E ||A x - y||^2 / m = sigma^2``;
 driving MC below that fits the noise (measured on the 30-view head CT: MC fell to
@@ -57,6 +62,13 @@ def build_transform(cfg: LossConfig):
     if cfg.transform == "shift":
         return dinv.transform.Shift(n_trans=n)
     return dinv.transform.Reflect(n_trans=n, dim=[-1])
+
+
+def warm_startable(model) -> bool:
+    """Whether ``model`` takes ``x_init`` without changing its output: a DEQ solved to its fixed
+    point (``implicit`` / ``jfb``), also inside a wrapper with ``.module`` (DDP)."""
+    inner = getattr(model, "module", model)
+    return getattr(inner, "gradient", None) in ("implicit", "jfb")
 
 
 @dataclass
@@ -109,8 +121,31 @@ class TrainingLoss:
         if self.noise_floor > 0:  # what the total uses: the residual above noise level
             terms["mc_above_noise"] = torch.clamp(mc - self.noise_floor, min=0).mean()
         if self.mode == "ei":
-            terms["ei"] = self.ei(x_net=x_net, physics=physics, model=model).mean()
+            terms["ei"] = self.ei_term(x_net, physics, model).mean()
         return terms
+
+    def ei_term(self, x_net: torch.Tensor, physics, model) -> torch.Tensor:
+        """deepinv's EI term; with ``loss.ei_warm_start`` its second solve starts at ``T_g x1``.
+
+        The warm path repeats :meth:`deepinv.loss.EILoss.forward` step for step (the same
+        transform draw, the same simulated noise, the same metric) and only adds
+        ``x_init = (T_g x1).detach()`` to the second model call: the fixed point of
+        ``F(.; A T_g x1)`` is near ``T_g x1`` once the model reconstructs well, so the solve
+        starts close to its answer instead of at ``A^dagger(A T_g x1)``. The fixed point and
+        the implicit (or JFB) gradient do not depend on the start; an unrolled network's
+        output does, so there the cold start is kept.
+        """
+        if not (self.cfg.ei_warm_start and warm_startable(model)):
+            return self.ei(x_net=x_net, physics=physics, model=model)
+        ei = self.ei
+        if ei.no_grad:
+            with torch.no_grad():
+                x2 = ei.T(x_net).detach()
+        else:
+            x2 = ei.T(x_net)
+        y2 = physics(x2) if ei.noise else physics.A(x2)
+        x3 = model(y2, physics, x_init=x2.detach())
+        return ei.weight * ei.metric(x3, x2)
 
     def __call__(self, model, y: torch.Tensor, physics, x: Optional[torch.Tensor] = None) -> LossTerms:
         terms = self.terms(model, y, physics, x)

@@ -1,0 +1,93 @@
+"""Warm starts: EI's second solve started at ``T_g x1`` (``loss.ei_warm_start``).
+
+The start changes neither the fixed point nor the implicit gradient, only the iterations needed.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.config import ExperimentConfig, LossConfig
+from engine.data import phantom_batch
+from engine.losses import TrainingLoss, warm_startable
+
+from helpers import SmoothDenoiser, make_deq, tiny_ct
+
+DT = torch.float64
+
+
+@pytest.fixture(scope="module")
+def problem():
+    physics = tiny_ct(16, 8)
+    x = torch.from_numpy(phantom_batch("ellipses", 2, 16, seed=3)).to(DT)[:, None]
+    return physics, x, physics.A(x)
+
+
+class BlockProjection(nn.Module):
+    """``D = P``, the projection onto 2x2-block-constant images: a perfect reconstructor of its own
+    (90-degree-rotation invariant) image class, so ``T_g x1`` is exactly the EI call's fixed point."""
+
+    def forward(self, x, sigma=None):
+        return F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
+
+
+def ei_step(problem, warm, gradient="implicit", tol=1e-10, denoiser=None, transform="rotate"):
+    """One MC + EI step; returns (EI output x3, EI forward-solve stats, flat parameter gradient or None)."""
+    physics, _, y = problem
+    torch.manual_seed(0)
+    trainable = denoiser is None
+    denoiser = SmoothDenoiser().to(DT) if denoiser is None else denoiser
+    solves = []
+    model = make_deq(denoiser, gradient=gradient, tol=tol, stop_mode="rel", iters=300, max_iter=600)
+    model.on_solve = lambda direction, stats: solves.append((direction, stats))
+    outputs = []
+    model.register_forward_hook(lambda module, inputs, output: outputs.append(output.detach()))
+    loss_fn = TrainingLoss(LossConfig(mode="ei", ei_weight=1.0, ei_apply_noise=False, ei_warm_start=warm,
+                                      transform=transform))
+    loss_fn.reseed(7)
+    grad = None
+    if trainable:
+        loss_fn(model, y, physics).total.backward()
+        grad = torch.cat([p.grad.reshape(-1) for p in denoiser.parameters()])
+    else:
+        with torch.no_grad():
+            loss_fn(model, y, physics)
+    forward = [s for d, s in solves if d == "forward"]
+    return outputs[1], (forward[1] if len(forward) > 1 else None), grad
+
+
+def test_warm_started_ei_call_reaches_the_same_fixed_point_in_fewer_iterations(problem):
+    kw = dict(tol=1e-11, denoiser=BlockProjection(), transform="rotate90")
+    x3_cold, cold, _ = ei_step(problem, warm=False, **kw)
+    x3_warm, warm, _ = ei_step(problem, warm=True, **kw)
+    assert cold.converged and warm.converged
+    # both at the one fixed point (error <= tol / (1 - rate): this map contracts slowly, ~0.97)
+    assert float((x3_warm - x3_cold).norm() / x3_cold.norm()) < 1e-6
+    assert warm.max_iterations_used < cold.max_iterations_used // 10, (warm.summary(), cold.summary())
+
+
+@pytest.mark.parametrize("gradient", ["implicit", "jfb"])
+def test_warm_start_keeps_the_gradient(problem, gradient):
+    _, _, g_cold = ei_step(problem, warm=False, gradient=gradient)
+    _, _, g_warm = ei_step(problem, warm=True, gradient=gradient)
+    assert float((g_warm - g_cold).norm() / g_cold.norm()) < 1e-8
+
+
+def test_warm_started_implicit_gradient_equals_unrolled(problem):
+    _, _, g_unrolled = ei_step(problem, warm=False, gradient="unrolled")
+    _, _, g_warm = ei_step(problem, warm=True, gradient="implicit", tol=1e-12)
+    assert float((g_warm - g_unrolled).norm() / g_unrolled.norm()) < 1e-6
+
+
+def test_unrolled_network_is_never_warm_started(problem):
+    # an unrolled network's output depends on its start: the option leaves it as trained
+    assert not warm_startable(make_deq(SmoothDenoiser().to(DT), gradient="unrolled"))
+    _, _, g_cold = ei_step(problem, warm=False, gradient="unrolled")
+    _, _, g_warm = ei_step(problem, warm=True, gradient="unrolled")
+    assert torch.equal(g_cold, g_warm)
+
+
+def test_ei_warm_start_config_key():
+    assert ExperimentConfig().loss.ei_warm_start is False
+    assert ExperimentConfig.from_dict({"loss": {"ei_warm_start": True}}).loss.ei_warm_start is True
