@@ -121,22 +121,37 @@ def _install_stop_handlers(control) -> None:
 
 
 def cmd_train(args) -> int:
+    from engine import distributed
     from engine.events import Observers, RunControl
     from engine.trainer import Trainer
 
     config = _config_with_overrides(args.config, args.set)
     control = RunControl()
     observers = Observers()
-    # the bar starts after the set-up succeeded, so a set-up error is the only line on stderr
-    trainer = Trainer(config, run_dir=args.out, observers=observers, control=control, resume_from=args.resume,
-                      overwrite=getattr(args, "overwrite", False))
-    printer = _ProgressPrinter(config.optim.steps, start=trainer.step, quiet=args.quiet)
-    observers.add(printer)
-    _install_stop_handlers(control)
+    # under torchrun: join the process group; rank 0 alone writes the run directory and prints
+    joined = distributed.setup(config.run.device)
+    context, device = joined if joined is not None else (None, None)
+    main_rank = context is None or context.is_main  # the others print nothing: rank 0 reports for all
     try:
-        reason = trainer.run()
-    finally:
-        printer.close()
+        # the bar starts after the set-up succeeded, so a set-up error is the only line on stderr
+        trainer = Trainer(config, run_dir=args.out, observers=observers, control=control, resume_from=args.resume,
+                          overwrite=getattr(args, "overwrite", False), device=device, distributed=context)
+        printer = _ProgressPrinter(config.optim.steps, start=trainer.step, quiet=args.quiet or not main_rank)
+        if main_rank:
+            observers.add(printer)
+        _install_stop_handlers(control)
+        try:
+            reason = trainer.run()
+        finally:
+            printer.close()
+    except BaseException:
+        if joined is not None:
+            distributed.teardown(barrier=False)  # the others may wait in a collective: leave, do not wait
+        raise
+    if joined is not None:
+        distributed.teardown()
+    if not main_rank:
+        return 0 if reason == "completed" else (EXIT_USER_ERROR if reason == "failed" else EXIT_INTERRUPTED)
     if reason == "failed":
         _err(printer.failure or "training failed")
         return EXIT_USER_ERROR

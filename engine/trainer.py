@@ -49,6 +49,8 @@ from engine.checkpoint import (Checkpoint, capture_rng_state, check_compatible, 
                                publish_latest, remove_stale_temp_files, save_checkpoint)
 from engine.config import ExperimentConfig, save_config
 from engine.data import load_training_images
+from engine import distributed as ddp
+from engine.distributed import DistContext
 from engine.diagnostics.recording import SolveRecorder
 from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
@@ -147,8 +149,17 @@ class Trainer:
     def __init__(self, config: ExperimentConfig, run_dir: Optional[str | Path] = None,
                  observers: Optional[Observers] = None, control: Optional[RunControl] = None,
                  resume_from: Optional[str | Path] = None, device: Optional[str] = None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, distributed: Optional[DistContext] = None):
         self.config = config.validate()
+        #: set under torchrun (:mod:`engine.distributed`): this rank's shard of each batch; rank 0 writes the run
+        self.dist = distributed if distributed is not None and distributed.world_size > 1 else None
+        if self.dist is not None:
+            if config.optim.batch_size < self.dist.world_size:
+                raise ConfigError(f"optim.batch_size = {config.optim.batch_size} is smaller than the "
+                                  f"{self.dist.world_size} processes: each needs at least one sample")
+            if not self.dist.is_main:
+                run_dir = None  # the other ranks keep the same state but write nothing
+        self._agreed_stop = False
         self.observers = observers if observers is not None else Observers()
         self.control = control if control is not None else RunControl()
         # refused before any data is read: an existing run is replaced only on request
@@ -190,6 +201,7 @@ class Trainer:
         self._recordings: OrderedDict[int, StepRecordings] = OrderedDict()
         self._failed_in_a_row = 0
         self.last_checkpoint: Optional[Path] = None
+        self._penalty_count: Optional[int] = None  # distributed: this rank's samples of the penalty
         if resume_from is not None:
             self.restore(resume_from)
 
@@ -272,14 +284,15 @@ class Trainer:
             if self.step == 0:
                 self.validate()
             while self.step < total:
-                if not self.control.wait_while_paused():
-                    break
-                if self.control.stopped:
+                if self.dist is not None:  # no pausing under torchrun; a stop is agreed by all ranks (a collective)
+                    if self._stop_requested(sync=True):
+                        break
+                elif not self.control.wait_while_paused() or self.control.stopped:
                     break
                 try:
                     self.train_step()
                 except StepFailed as failure:
-                    if self.control.stopped:  # the user's stop, not a failure: discard the partial step
+                    if self._stop_requested():  # the user's stop, not a failure: discard the partial step
                         self._log("info", f"stopped during step {self.step + 1}; that step was not applied")
                         break
                     self._failed_in_a_row += 1
@@ -292,7 +305,7 @@ class Trainer:
                         self.observers.emit(RunFinished(reason="failed", step=self.step, run_dir=self._run_dir_str()))
                         return "failed"
                     continue
-                if self.control.stopped:
+                if self._stop_requested():
                     break
                 if self.step % cfg.run.validate_every == 0 or self.step == total:
                     self.validate()
@@ -307,6 +320,14 @@ class Trainer:
             self.observers.emit(RunFinished(reason="failed", step=self.step, run_dir=self._run_dir_str()))
             return "failed"
 
+    def _stop_requested(self, sync: bool = False) -> bool:
+        """The user's stop; distributed, the ranks' agreed one (``sync``: agree now, a collective)."""
+        if self.dist is None:
+            return self.control.stopped
+        if sync:
+            self._agreed_stop = ddp.any_rank(self.control.stopped or self._agreed_stop)
+        return self._agreed_stop
+
     def _run_dir_str(self) -> Optional[str]:
         return str(self.run_dir) if self.run_dir else None
 
@@ -314,7 +335,13 @@ class Trainer:
         self._seed(-1)
         y = self.train_set.measurements[self._batch_indices(0)]
         self.model.train()
-        alpha = self.loss.balance_alpha(self.model, y, self.physics, self.model.parameters())
+        if self.dist is None:
+            alpha = self.loss.balance_alpha(self.model, y, self.physics, self.model.parameters())
+        else:  # rank 0 balances on the whole first batch (as one process would); the others take its alpha
+            alpha = self.loss.balance_alpha(self.model, y, self.physics, self.model.parameters()) \
+                if self.dist.is_main else float("nan")
+            self.loss.alpha = alpha = ddp.broadcast_float(alpha)
+            self.model.zero_grad(set_to_none=True)
         self._pending_solves.clear()
         self._log("info", f"EI weight alpha = {alpha:.4g} (auto: balances the EI and MC gradients on the first batch)")
 
@@ -336,6 +363,11 @@ class Trainer:
         next_step = self.step + 1
         self._seed(next_step)
         idx = self._batch_indices(next_step)
+        share = 1.0  # this rank's share of the global batch (distributed: weights its loss and gradient)
+        if self.dist is not None:
+            self._global_batch = len(idx)
+            idx = self.dist.shard(idx)
+            share = len(idx) / self._global_batch
         y = self.train_set.measurements[idx]
         x = self.train_set.ground_truth[idx] if self.loss.needs_ground_truth else None
         self.model.train()
@@ -354,18 +386,26 @@ class Trainer:
             y_fp, x_fp = self._fixed_points[0] if self._fixed_points else (None, None)
             if self.penalty.active and x_fp is not None:
                 stability["jacobian_norm"] = self._add_jacobian_penalty(loss, y_fp, x_fp, next_step)
-            if not torch.isfinite(loss.total):
+            finite = bool(torch.isfinite(loss.total))
+            if self.dist is not None and ddp.any_rank(not finite):
+                raise StepFailed(f"loss is not finite on a rank (rank {self.dist.rank}: {loss.as_floats()})")
+            if not finite:
                 raise StepFailed(f"loss is not finite ({loss.as_floats()})")
-            loss.total.backward()
+            (loss.total if self.dist is None else loss.total * share).backward()
             solves, self._pending_solves = self._pending_solves, []
             self._emit_solves(solves, next_step)
-            for i, (direction, stats) in enumerate(solves):
-                if stats.failed:
-                    sample, reason = next((b, r) for b, r in enumerate(stats.stop_reasons) if r in FAILURE_REASONS)
-                    raise StepFailed(f"{direction} solve {', '.join(sorted(set(stats.stop_reasons)))} "
-                                     f"({stats.summary()})", direction, f"call {i}", sample, reason)
-            if self.control.stopped:
+            if self.dist is None:
+                for i, (direction, stats) in enumerate(solves):
+                    if stats.failed:
+                        sample, reason = next((b, r) for b, r in enumerate(stats.stop_reasons) if r in FAILURE_REASONS)
+                        raise StepFailed(f"{direction} solve {', '.join(sorted(set(stats.stop_reasons)))} "
+                                         f"({stats.summary()})", direction, f"call {i}", sample, reason)
+            else:
+                solves_per_rank = self._agree_on_solves(solves)
+            if self._stop_requested():
                 raise StepFailed("stopped by the user during the step")
+            if self.dist is not None:  # each rank's gradient is its share's: their sum is the whole batch's
+                ddp.all_reduce_gradients([p for p in self.model.parameters() if p.requires_grad])
             params = [p for p in self.model.parameters() if p.grad is not None]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip or float("inf")))
             if not math.isfinite(grad_norm):
@@ -392,26 +432,85 @@ class Trainer:
         self.step = next_step
         self._failed_in_a_row = 0
         values = loss.as_floats()
+        if self.dist is not None:  # the whole batch's values: the share-weighted sum of the ranks'
+            keys = sorted(values)
+            values = dict(zip(keys, ddp.all_reduce_floats([share * values[k] for k in keys])))
+            if "jacobian_norm" in stability:
+                stability["jacobian_norm"] = ddp.all_reduce_floats([stability["jacobian_norm"]], op="max")[0]
         lr = self.optimizer.param_groups[0]["lr"]
         record = {"step": self.step, **values, "lr": lr, "grad_norm": grad_norm,
                   "seconds": time.perf_counter() - started}
         record.update(stability)
         if self.penalty.active:
             record["jacobian_weight"] = self.penalty.weight
-        for direction, stats in solves:
-            record.setdefault(f"{direction}_iterations", 0)
-            record[f"{direction}_iterations"] = max(record[f"{direction}_iterations"], stats.max_iterations_used)
+        if self.dist is None:
+            for direction, stats in solves:
+                record.setdefault(f"{direction}_iterations", 0)
+                record[f"{direction}_iterations"] = max(record[f"{direction}_iterations"], stats.max_iterations_used)
+        else:
+            record.update(self._per_rank_solve_record(solves_per_rank))
         self.history.append(record)
         self._write_metrics(record)
         self.observers.emit(StepFinished(step=self.step, losses=values, lr=lr, seconds=record["seconds"],
                                          grad_norm=grad_norm))
         return values
 
+    # -- distributed agreement (engine.distributed) ----------------------------------------------
+    def _agree_on_solves(self, solves) -> list:
+        """Gather every rank's solve summaries and stop flag (a collective); raise on any rank's failed solve."""
+        mine = [(direction, int(stats.max_iterations_used), list(stats.stop_reasons), bool(stats.failed))
+                for direction, stats in solves]
+        gathered = ddp.gather_objects({"solves": mine, "stop": bool(self.control.stopped)})
+        self._agreed_stop = self._agreed_stop or any(g["stop"] for g in gathered)
+        per_rank = [g["solves"] for g in gathered]
+        for rank, rank_solves in enumerate(per_rank):
+            for i, (direction, iterations, reasons, failed) in enumerate(rank_solves):
+                if failed:
+                    sample, reason = next((b, r) for b, r in enumerate(reasons) if r in FAILURE_REASONS)
+                    raise StepFailed(f"{direction} solve {', '.join(sorted(set(reasons)))} on rank {rank} "
+                                     f"({iterations} iterations)", direction, f"call {i}, rank {rank}",
+                                     rank + sample * self.dist.world_size, reason)
+        return per_rank
+
+    @staticmethod
+    def _per_rank_solve_record(per_rank: list) -> dict:
+        """``{direction}_iterations`` (max over ranks) and, per rank, the iterations and stop-reason counts."""
+        record: dict = {}
+        directions = sorted({d for rank_solves in per_rank for d, *_ in rank_solves})
+        for direction in directions:
+            iterations, reasons = [], []
+            for rank_solves in per_rank:
+                mine = [(it, rs) for d, it, rs, _ in rank_solves if d == direction]
+                iterations.append(max((it for it, _ in mine), default=0))
+                counts: dict = {}
+                for _, rs in mine:
+                    for r in rs:
+                        counts[r] = counts.get(r, 0) + 1
+                reasons.append(counts)
+            record[f"{direction}_iterations"] = max(iterations)
+            record[f"{direction}_iterations_per_rank"] = iterations
+            record[f"{direction}_stop_reasons_per_rank"] = reasons
+        return record
+
     # -- keeping F contractive ------------------------------------------------------------------
     def _add_jacobian_penalty(self, loss, y_fp: torch.Tensor, x_fp: torch.Tensor, step: int) -> float:
         """Add the term ``jacobian`` = mean ``max(||dF/dx|| - target, 0)`` (weight mu) to ``loss``; returns max ||dF/dx||."""
-        fn = self.model.fixed_point_map(y_fp[: self.penalty.samples], self.physics, relaxed=False)
         generator = torch.Generator(device=x_fp.device).manual_seed(seed_for_step(self.config.run.seed, step) + 1)
+        if self.dist is not None:  # this rank's part of the global batch's first `samples` samples
+            limit = min(self.penalty.samples, self._global_batch)
+            k = self.dist.count_below(limit)
+            share = len(x_fp) / self._global_batch
+            if k == 0:
+                loss.terms["jacobian"] = torch.zeros((), device=x_fp.device)
+                return float("-inf")
+            fn = self.model.fixed_point_map(y_fp[:k], self.physics, relaxed=False)
+            norms = self.penalty.norms(fn, x_fp[:k], generator)
+            # divided by the share the whole objective is multiplied with: the ranks sum to the global mean
+            hinge = torch.clamp(norms - self.penalty.target, min=0).sum() / (limit * share)
+            loss.terms["jacobian"] = hinge
+            loss.total = loss.total + self.penalty.weight * hinge
+            return float(norms.detach().max())
+        fn = self.model.fixed_point_map(y_fp[: self.penalty.samples], self.physics, relaxed=False)
         norms = self.penalty.norms(fn, x_fp, generator)
         hinge = torch.clamp(norms - self.penalty.target, min=0).mean()
         loss.terms["jacobian"] = hinge
@@ -427,7 +526,13 @@ class Trainer:
     def _check_stability(self, y_fp: torch.Tensor, x_fp: torch.Tensor, step: int) -> dict:
         """Estimate the spectral radius at this step's fixed points; act when it is above the limit."""
         jac = self.config.jacobian
-        radius = float(self.spectral_radius(y_fp, x_fp, step).max())
+        if self.dist is None:
+            radius = float(self.spectral_radius(y_fp, x_fp, step).max())
+        else:  # the largest over the ranks' parts of the global batch's first `samples` samples
+            k = self.dist.count_below(min(jac.samples, self._global_batch))
+            local = float(self.spectral_radius(y_fp[:k], x_fp[:k], step).max()) if k else float("-inf")
+            radius = ddp.all_reduce_floats([local if math.isfinite(local) or local < 0 else float("inf")],
+                                           op="max")[0]
         action, message = "none", ""
         if not math.isfinite(radius) or radius > jac.radius_limit:
             if jac.safeguard != "off":
