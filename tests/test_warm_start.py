@@ -9,19 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import ExperimentConfig, LossConfig
-from engine.data import phantom_batch
 from engine.losses import TrainingLoss, warm_startable
 
-from helpers import SmoothDenoiser, make_deq, tiny_ct
-
-DT = torch.float64
-
-
-@pytest.fixture(scope="module")
-def problem():
-    physics = tiny_ct(16, 8)
-    x = torch.from_numpy(phantom_batch("ellipses", 2, 16, seed=3)).to(DT)[:, None]
-    return physics, x, physics.A(x)
+from helpers import SmoothDenoiser, make_deq
+from test_deq import DT, problem  # noqa: F401  (the float64 16 px CT problem, a module fixture)
 
 
 class BlockProjection(nn.Module):

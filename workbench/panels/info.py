@@ -10,6 +10,8 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (QHBoxLayout, QHeaderView, QLabel, QSpinBox, QTableWidget, QTableWidgetItem,
                                QVBoxLayout, QWidget)
 
+from workbench.panels.scan_controls import show_slice_range
+
 
 def scan_rows(scan, path: str | None = None) -> list[tuple[str, str]]:
     """(key, value) rows for a scan: summary fields first, then its metadata tags."""
@@ -76,11 +78,7 @@ class InfoPanel(QWidget):
         for i, (k, v) in enumerate(rows):
             self.table.setItem(i, 0, QTableWidgetItem(k))
             self.table.setItem(i, 1, QTableWidgetItem(v))
-        self.slice_box.blockSignals(True)
-        self.slice_box.setRange(0, max(0, n_slices - 1))
-        self.slice_box.setValue(index)
-        self.slice_box.setEnabled(n_slices > 1)
-        self.slice_box.blockSignals(False)
+        show_slice_range(self.slice_box, index, n_slices)
         self.slice_count.setText(f"of {n_slices}" if n_slices else "")
 
     def show_slice(self, index: int, n_slices: int) -> None:

@@ -11,6 +11,15 @@ from PySide6.QtWidgets import QCheckBox, QComboBox, QHBoxLayout, QLabel, QSlider
 
 from workbench.state import MODALITY_NAMES, SIZE_CHOICES
 
+
+def show_slice_range(control, index: int, n_slices: int) -> None:
+    """Set a slice spin box / slider to ``index`` of ``n_slices`` without emitting a change (the model moved)."""
+    control.blockSignals(True)
+    control.setRange(0, max(0, n_slices - 1))
+    control.setValue(index)
+    control.setEnabled(n_slices > 1)
+    control.blockSignals(False)
+
 MODALITY_ITEMS = (("unknown", "unknown"), ("ct", "CT"), ("mri", "MRI"))
 
 
@@ -77,11 +86,7 @@ class ScanControls(QWidget):
             self.modalityChosen.emit(key)
 
     def show_slice(self, index: int, n_slices: int) -> None:
-        self.slider.blockSignals(True)
-        self.slider.setRange(0, max(0, n_slices - 1))
-        self.slider.setValue(index)
-        self.slider.setEnabled(n_slices > 1)
-        self.slider.blockSignals(False)
+        show_slice_range(self.slider, index, n_slices)
         self.slice_label.setText(f"{index} / {n_slices - 1}" if n_slices else "no scan")
         self.slice_label.setToolTip(f"slice {index} of {n_slices} (numbered from 0)")
 
