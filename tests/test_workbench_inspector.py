@@ -439,3 +439,13 @@ def test_alarm_banner_stops_inviting_resume_once_the_run_has_ended():
     assert model.version > version
     text = model.alarm.text()
     assert "Resume" not in text and "run has failed" in text and text.startswith("Step 3: the forward solve")
+
+
+def test_solves_are_recorded_only_inside_solves_recorded():
+    from workbench import backend
+
+    loaded = SimpleNamespace(model=SimpleNamespace(recorder_factory=None))
+    with backend.solves_recorded(loaded):
+        recorder = loaded.model.recorder_factory("forward")
+        assert recorder.direction == "forward"
+    assert loaded.model.recorder_factory is None  # probes and curves after a Reconstruct run unrecorded

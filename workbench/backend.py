@@ -36,21 +36,13 @@ def new_run_dir(root: str, name: str) -> str:
 def load_model(path: str):
     from engine.inference import load_model as _load
 
-    return record_solves(_load(path))
+    return _load(path)
 
 
 def model_from_config(config):
     from engine.inference import model_from_config as _from
 
-    return record_solves(_from(config))
-
-
-def record_solves(loaded):
-    """Make a model the workbench uses record its forward solves (the Solver Inspector opens them)."""
-    from engine.diagnostics import SolveRecorder
-
-    loaded.model.recorder_factory = lambda direction: SolveRecorder(direction)
-    return loaded
+    return _from(config)
 
 
 def apply_solve_settings(loaded, settings: dict) -> None:
@@ -193,13 +185,22 @@ def model_at_size(loaded, size: int):
     own = int(loaded.config.physics.img_size)
     if int(size) == own:
         return loaded
-    at_size = getattr(loaded, "at_size", None)
-    if at_size is None:
-        from engine.errors import EquiDEQError
+    return loaded.at_size(int(size))
 
-        raise EquiDEQError(f"this engine cannot reconstruct at {size} px yet (LoadedModel.at_size is missing); "
-                           f"choose 'model' ({own} px)")
-    return at_size(int(size))
+
+@contextmanager
+def solves_recorded(loaded):
+    """While inside, ``loaded``'s solves are recorded (``SolveStats.recording``, which the Solver Inspector
+    opens): Reconstruct's; equivariance probes and curves, dozens of solves, run unrecorded."""
+    from engine.diagnostics import SolveRecorder
+
+    network = loaded.model
+    previous = getattr(network, "recorder_factory", None)
+    network.recorder_factory = SolveRecorder  # called with the direction
+    try:
+        yield
+    finally:
+        network.recorder_factory = previous
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QAction, QDoubleValidator, QKeySequence
+from PySide6.QtGui import QDoubleValidator
 from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel,
                                QLineEdit, QProgressBar, QPushButton, QScrollArea, QSlider, QSpinBox, QSplitter,
                                QVBoxLayout, QWidget)
@@ -29,6 +29,7 @@ from workbench.panels.inspector_model import (REPLAY_SOLVERS, InspectorModel, Re
 from workbench.panels.plotting import LogAxis, control_row, pg
 from workbench.presenters.divergence import DivergencePresenter
 from workbench.presenters.inspector import InspectorPresenter
+from workbench.window_actions import make_action
 
 _RECORDED = {"failed": (214, 39, 40), "ok": (31, 119, 180)}
 _REPLAY_COLOURS = [(44, 160, 44), (148, 103, 189), (255, 127, 14), (23, 190, 207), (140, 86, 75), (227, 119, 194)]
@@ -401,15 +402,16 @@ class SolverInspectorFeature:
                                               window.config_editor, self.presenter)
         self.dialog: Optional[SolverInspectorWindow] = None
 
-        self.act_inspector = self._action("Solver &Inspector…", lambda: self.presenter.open(), "Ctrl+I",
+        self.act_inspector = make_action(self.window, "Solver &Inspector…", lambda: self.presenter.open(), "Ctrl+I",
                                           "Open the recorded solves of the latest step: iterates, residual maps, "
                                           "spectral radius, diagnosis, replays")
-        self.act_pause_on_divergence = self._action("Pause on Divergence", None, None,
+        self.act_pause_on_divergence = make_action(self.window, "Pause on Divergence", None, None,
                                                     "Pause training when a step fails on a solve (diverged, "
                                                     "non-finite) and open it in the Solver Inspector")
         self.act_pause_on_divergence.setCheckable(True)
         self.act_pause_on_divergence.toggled.connect(self.divergence.set_pause_on_divergence)
-        self.act_demonstration = self._action("&Divergence Demonstration", self.divergence.demonstrate, None,
+        self.act_demonstration = make_action(self.window, "&Divergence Demonstration",
+                                             self.divergence.demonstrate, None,
                                               "Make the fixed point diverge on purpose (data step 5, no Jacobian "
                                               "penalty, plain iteration) and train, to see what divergence "
                                               "looks like and how the inspector explains it")
@@ -423,16 +425,6 @@ class SolverInspectorFeature:
         window.residuals.inspectAlarm.connect(self.divergence.inspect_alarm)
         window.router.alarm_listeners.append(self.divergence.alarm)
         self.divergence.restore()
-
-    def _action(self, text: str, slot, shortcut, tip: str) -> QAction:
-        act = QAction(text, self.window)
-        if shortcut:
-            act.setShortcut(QKeySequence(shortcut))
-        act.setToolTip(tip)
-        act.setStatusTip(tip)
-        if slot is not None:
-            act.triggered.connect(lambda _checked=False: slot())
-        return act
 
     def close(self) -> None:
         if self.dialog is not None:

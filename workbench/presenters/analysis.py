@@ -242,7 +242,9 @@ class AnalysisPresenter:
         def compute(model, image):
             size = model_size(model)
             at = f" at {size}\u00d7{size}" if size != trained_size else ""  # the model's own size goes unsaid
-            snapshot, stats = snapshot_from_result(model.reconstruct(image[None]), f"Reconstruct: {label}{at}")
+            with backend.solves_recorded(model):
+                result = model.reconstruct(image[None])
+            snapshot, stats = snapshot_from_result(result, f"Reconstruct: {label}{at}")
             snapshot["source"] = source
             if stats is not None and hasattr(stats, "to_event"):  # numpy conversion off the GUI thread
                 stats = inspection.reconstruction_event(model, stats, label)  # with its recording: inspectable
