@@ -4,7 +4,9 @@
   run being resumed, or (with ``overwrite``) an old run whose files are removed
   first, so that no old checkpoint sits beside the new run's.
 * :func:`truncate_metrics` — on resume, ``metrics.jsonl`` keeps only the records
-  up to the checkpoint's step, so each step appears once.
+  up to the checkpoint's step, so each step appears once; :func:`truncate_run`
+  does the same to the whole run record (``solves.jsonl``, ``snapshots/``,
+  ``finished.json``: :mod:`engine.run_record`).
 * :func:`check_output_file` — an export or weights file: never one of the
   inputs, and not an existing file unless ``overwrite``.
 * :func:`run_folder_name` — a config's ``run.name`` as a safe file name (the
@@ -25,10 +27,18 @@ from engine.errors import EquiDEQError
 
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.toml"
+#: one JSON line per training solve (:mod:`engine.run_record`)
+SOLVES_FILE = "solves.jsonl"
+#: the folder of the validation snapshots, ``step_NNNNNN.npz`` each (:func:`snapshot_name`)
+SNAPSHOTS_DIR = "snapshots"
+SNAPSHOT_PATTERN = "step_*.npz"
+#: how the run ended (``{"reason", "step"[, "message"]}``), written last
+FINISHED_FILE = "finished.json"
 #: The files a training run writes into its folder: these and the temporary files of their writes
-#: (:func:`engine.atomic.temp_target` names the file one was written for) are what ``overwrite`` removes.
-RUN_FILE_PATTERNS = (CONFIG_FILE, METRICS_FILE, "checkpoint_*.pt", "checkpoint_*.safetensors",
-                     "last.pt", "last.safetensors")
+#: (:func:`engine.atomic.temp_target` names the file one was written for) are what ``overwrite`` removes,
+#: with the snapshots in :data:`SNAPSHOTS_DIR`.
+RUN_FILE_PATTERNS = (CONFIG_FILE, METRICS_FILE, SOLVES_FILE, FINISHED_FILE, "checkpoint_*.pt",
+                     "checkpoint_*.safetensors", "last.pt", "last.safetensors")
 MAX_RUN_NAME = 64
 
 
@@ -41,8 +51,29 @@ def _is_run_file(name: str) -> bool:
                for pattern in RUN_FILE_PATTERNS)
 
 
+def snapshot_name(step: int) -> str:
+    return f"step_{int(step):06d}.npz"
+
+
+def _snapshot_files(folder: Path) -> list[Path]:
+    """The snapshots in ``folder/snapshots`` and the temporary files of their writes."""
+    snapshots = folder / SNAPSHOTS_DIR
+    if not snapshots.is_dir() or snapshots.is_symlink():
+        return []
+    return sorted(path for path in snapshots.iterdir()
+                  if any(fnmatch.fnmatch(written, SNAPSHOT_PATTERN)
+                         for written in (path.name, temp_target(path.name)) if written))
+
+
 def _run_files(folder: Path) -> list[Path]:
-    return sorted(path for path in folder.iterdir() if _is_run_file(path.name))
+    return sorted(path for path in folder.iterdir() if _is_run_file(path.name)) + _snapshot_files(folder)
+
+
+def _remove_snapshots_dir_if_empty(folder: Path) -> None:
+    try:
+        (folder / SNAPSHOTS_DIR).rmdir()
+    except OSError:  # absent, or holds files of the user's
+        pass
 
 
 def claim_run_dir(folder: str | os.PathLike, *, resuming: bool = False, overwrite: bool = False) -> Path:
@@ -65,6 +96,7 @@ def claim_run_dir(folder: str | os.PathLike, *, resuming: bool = False, overwrit
                                 "continue it with --resume CHECKPOINT, or replace it with --overwrite")
     for file in _run_files(path):
         file.unlink()
+    _remove_snapshots_dir_if_empty(path)
     return path
 
 
@@ -82,7 +114,29 @@ def truncate_metrics(folder: str | os.PathLike, step: int) -> int:
     Used when a run resumes from the checkpoint of ``step``: the records of the
     abandoned steps after it would otherwise appear twice. Written atomically.
     """
-    path = Path(folder) / METRICS_FILE
+    return _truncate_records(Path(folder) / METRICS_FILE, step)
+
+
+def truncate_run(folder: str | os.PathLike, step: int) -> int:
+    """Cut the run record in ``folder`` back to ``step``; returns how many ``metrics.jsonl`` records went.
+
+    ``metrics.jsonl`` and ``solves.jsonl`` keep the records up to ``step``, the
+    snapshots of later steps are deleted and ``finished.json`` goes (the run
+    goes on), so a resumed run's record shows every step once.
+    """
+    folder = Path(folder)
+    dropped = truncate_metrics(folder, step)
+    _truncate_records(folder / SOLVES_FILE, step)
+    for path in _snapshot_files(folder):
+        match = re.fullmatch(r"step_(\d+)\.npz", path.name)  # temporary files: remove_stale_temp_files
+        if match is not None and int(match.group(1)) > step:
+            path.unlink(missing_ok=True)
+    (folder / FINISHED_FILE).unlink(missing_ok=True)
+    return dropped
+
+
+def _truncate_records(path: Path, step: int) -> int:
+    """Keep the JSON lines of ``path`` whose step is at most ``step``; returns how many went."""
     if not path.is_file():
         return 0
     kept, dropped = [], 0

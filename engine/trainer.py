@@ -60,9 +60,10 @@ from engine.losses import TrainingLoss
 from engine.measured import load_measurement_data, measurement_physics
 from engine.metrics import equivariance_error
 from engine.model import build_model, resolve_device
-from engine.outputs import METRICS_FILE, claim_run_dir, truncate_metrics
+from engine.outputs import METRICS_FILE, claim_run_dir, truncate_run
 from engine.physics import baseline, build_physics, describe, to_model_space
 from engine.regularisers import JacobianSpectralPenalty
+from engine.run_record import record_run
 from engine.solver_names import FAILURE_REASONS
 from engine.solvers import SolveStats
 
@@ -255,7 +256,9 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> str:
         """Train to ``optim.steps``; returns ``completed``, ``stopped`` or ``failed``."""
-        with self.control.serving():  # commands from other threads run here, between steps
+        # commands from other threads run here, between steps; the run directory records the solves,
+        # snapshots and end of the run (engine.run_record)
+        with self.control.serving(), record_run(self.observers, self.run_dir):
             return self._run()
 
     def _run(self) -> str:
@@ -265,7 +268,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.toml")
             remove_stale_temp_files(self.run_dir)  # what killed saves left behind
-        dropped = truncate_metrics(self.run_dir, self.step) if self.run_dir is not None else 0
+        dropped = truncate_run(self.run_dir, self.step) if self.run_dir is not None else 0
         self.observers.emit(RunStarted(run_dir=str(self.run_dir) if self.run_dir else None, config=cfg.to_dict(),
                                        device=str(self.device), total_steps=total, start_step=self.step))
         self._log("info", f"training on {self.device} ({self.threads} threads): {describe(cfg.physics)}, "

@@ -790,7 +790,8 @@ def test_presenters_and_panel_models_import_no_qt():
                "workbench.presenters.analysis", "workbench.panels", "workbench.panels.residuals_model",
                "workbench.panels.losses_model", "workbench.panels.reconstructions_model",
                "workbench.panels.equivariance_model", "workbench.state", "workbench.backend",
-               "workbench.presenters.scan", "workbench.panels.viewer_model", "workbench.jobs", "workbench.startup"]
+               "workbench.presenters.scan", "workbench.panels.viewer_model", "workbench.jobs", "workbench.startup",
+               "workbench.presenters.run_record"]
     assert_imports_no_qt(modules)
 
 

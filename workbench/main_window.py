@@ -46,6 +46,7 @@ from workbench.presenters.config import ConfigPresenter
 from workbench.presenters.events import EventRouter, PanelModels
 from workbench.presenters.files import FilesPresenter
 from workbench.presenters.run import RunPhase, RunPresenter
+from workbench.presenters.run_record import RunRecordPresenter
 from workbench.presenters.scan import ScanPresenter
 from workbench.presenters.settings import SettingsPresenter, WindowLayout
 from workbench.state import WorkbenchState, default_config, training_data_text
@@ -120,6 +121,12 @@ class MainWindow(PresenterView, QMainWindow):
                                    self.analysis.reconstruct, self.analysis.equivariance_note)
         self.files = FilesPresenter(self, self.state, self.tasks, self.persistence, self.config_editor, self.run,
                                     self.analysis.reconstruct, panel_models.reconstructions, self.scans)
+        # File > Open Run / Follow Run; following stops when training starts or another file is opened
+        self.run_record = RunRecordPresenter(self, self.state, self.tasks, self.run, panel_models, self.persistence,
+                                             self.files.remember)
+        self.files.runs = self.run_record
+        self.files.opening_listeners.append(lambda: self.run_record.stop_following("another file opened"))
+        self.training.runStarted.connect(lambda: self.run_record.stop_following("training started"))
         self.relay.eventsReady.connect(self.router.route_batch)
         self.training.runEnded.connect(self.run.run_ended)
         self.settings_panel.configChanged.connect(self.config_editor.edited)
@@ -334,7 +341,8 @@ class MainWindow(PresenterView, QMainWindow):
         self.refresh_images()
 
     def shut_down(self) -> None:
-        """Stop redrawing, end the training thread (stopping any run) and the task pool."""
+        """Stop redrawing and following a run, end the training thread (stopping any run) and the task pool."""
+        self.run_record.stop_following()
         self.plot_timer.stop()
         self.image_timer.stop()
         self.inspector.close()

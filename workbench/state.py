@@ -61,7 +61,7 @@ def training_data_text(config: ExperimentConfig) -> str:
 
 @dataclass
 class RecentFile:
-    kind: str  # "scan" | "checkpoint" | "config"
+    kind: str  # "scan" | "checkpoint" | "config" | "run"
     path: str
 
     def label(self) -> str:
@@ -108,7 +108,7 @@ class WorkbenchState:
                 kind, path = item[0], item[1]
             except (TypeError, IndexError, KeyError):
                 continue
-            if kind in ("scan", "checkpoint", "config") and isinstance(path, str) and path:
+            if kind in ("scan", "checkpoint", "config", "run") and isinstance(path, str) and path:
                 out.append(RecentFile(kind, path))
         self.recent = out[:MAX_RECENT]
 

@@ -30,6 +30,14 @@ def build_actions(window) -> None:
                         "Open a scan file (DICOM, HDF5, NumPy, PNG/TIFF, NIfTI): shown at once, reconstructed on demand")
     w.act_open_folder = a("Open DICOM &Folder…", files.open_folder_dialog, None, "Open a DICOM series folder")
     w.act_open_ckpt = a("Open &Checkpoint…", files.open_checkpoint_dialog, "Ctrl+Shift+O")
+    w.act_open_run = a("Open &Run…", w.run_record.open_run_dialog, None,
+                       "Show a run directory (equideq train --out, or a workbench run): its loss curves, "
+                       "validation, solver residuals and snapshots")
+    w.act_follow_run = a("&Follow Run…", w.run_record.follow_run_dialog, None,
+                         "Show a run directory and keep showing what its run adds (a local, mounted or synced folder)")
+    w.act_stop_following = a("Stop Following", w.run_record.stop_following, None,
+                             "Stop reading the run followed; its panels stay")
+    w.act_stop_following.setEnabled(False)
     w.act_save_ckpt = a("Save Checkpoint &As…", files.save_checkpoint_dialog, "Ctrl+Shift+S")
     w.act_export = a("&Export Reconstruction…", files.export_dialog, "Ctrl+E",
                      "Export the displayed DEQ reconstruction (PNG with the current window, NumPy, DICOM, HDF5)")
@@ -58,7 +66,7 @@ def build_actions(window) -> None:
     fm = mb.addMenu("&File")
     fm.addActions([w.act_open_scan, w.act_open_folder, w.act_open_ckpt])
     w.recent_menu = fm.addMenu("Recent Files")
-    for group in ([w.act_save_ckpt, w.act_export],
+    for group in ([w.act_open_run, w.act_follow_run, w.act_stop_following], [w.act_save_ckpt, w.act_export],
                   [w.act_open_config, w.act_save_config, w.act_reset_config], [w.act_quit]):
         fm.addSeparator()
         fm.addActions(group)

@@ -80,6 +80,9 @@ class PresenterView:
     def show_run(self, run_dir: Optional[str], note: str) -> None:
         self.info.set_run(run_dir, note)
 
+    def show_following(self, following: bool) -> None:
+        self.act_stop_following.setEnabled(following)
+
     def show_model_info(self, text: str) -> None:
         self.info.set_model(text)
 

@@ -3,8 +3,10 @@
 The rules, in one place:
 
 * a dropped or recent path is a checkpoint or a config by its suffix
-  (:func:`~workbench.state.classify_path`), a folder is a DICOM series, anything
-  else a scan;
+  (:func:`~workbench.state.classify_path`), a folder is a run directory when it
+  holds a run's config or metrics (opened by
+  :mod:`~workbench.presenters.run_record`), else a DICOM series, anything else
+  a scan;
 * an opened scan is shown at once and handed to the scan presenter
   (:mod:`~workbench.presenters.scan`: modality, slices, training data); it is
   reconstructed only when asked, and becomes the training data only when the
@@ -33,6 +35,7 @@ import numpy as np
 
 from engine.config import load_config, save_config
 from engine.errors import ConfigError, EquiDEQError
+from engine.run_record import is_run_dir
 from workbench import backend
 from workbench.jobs import Job
 from workbench.panels.reconstructions_model import ReconstructionsModel
@@ -57,8 +60,10 @@ EXPORT_SUFFIXES = {"PNG": ".png", "NumPy": ".npy", "DICOM": ".dcm", "HDF5": ".h5
 
 
 def kind_of_path(path: str) -> str:
-    """'checkpoint', 'config' or 'scan' for a path to open (a folder is a DICOM series: 'scan')."""
-    return classify_path(path) if os.path.isfile(path) or not os.path.exists(path) else "scan"
+    """'checkpoint', 'config', 'run' or 'scan' for a path to open (a folder: a run directory or a DICOM series)."""
+    if os.path.isdir(path):
+        return "run" if is_run_dir(path) else "scan"
+    return classify_path(path)
 
 
 def export_path(path: str, chosen_filter: str) -> str:
@@ -101,8 +106,15 @@ class FilesPresenter:
         self.reconstruct = reconstruct
         self.displayed = displayed
         self.scans = scans
+        self.runs = None  # presenters.run_record.RunRecordPresenter: opens run directories
+        #: called when the user opens a scan, checkpoint or config (a run followed stops)
+        self.opening_listeners: list[Callable[[], None]] = []
 
-    def _remember(self, kind: str, path: str) -> None:
+    def _opening(self) -> None:
+        for listener in list(self.opening_listeners):
+            listener()
+
+    def remember(self, kind: str, path: str) -> None:
         self.state.add_recent(kind, path)
         self.settings.remember_dir(path)
         self.view.show_recent(self.state.recent)
@@ -119,7 +131,9 @@ class FilesPresenter:
     def open_path(self, path: str) -> None:
         """A dropped or recent file: open it as what it is."""
         kind = kind_of_path(path)
-        if kind == "checkpoint":
+        if kind == "run" and self.runs is not None:
+            self.runs.open_run(path)
+        elif kind == "checkpoint":
             self.open_checkpoint(path)
         elif kind == "config":
             if self.run.lifecycle.run_in_progress:
@@ -143,6 +157,7 @@ class FilesPresenter:
 
         Cancelling lets the reader finish (a file read cannot stop half-way) and drops what it read.
         """
+        self._opening()
         window = self.state.data_window()
         name = os.path.basename(str(path).rstrip("/")) or str(path)
         job = Job(f"Opening {name}")
@@ -154,7 +169,7 @@ class FilesPresenter:
 
         def done(result):
             scan, slices = result
-            self._remember("scan", path)
+            self.remember("scan", path)
             self.scans.opened(path, scan, np.asarray(slices, dtype=np.float32))
             if then:
                 then()
@@ -174,12 +189,13 @@ class FilesPresenter:
         self._ask_open("Open checkpoint", CHECKPOINT_FILTER, self.open_checkpoint)
 
     def open_checkpoint(self, path: str, then: Optional[Callable] = None) -> None:
+        self._opening()
         name = os.path.basename(path)
 
         def done(model):
             self.state.set_model(model, "checkpoint", os.path.abspath(path))
             self.state.use_training_weights = False
-            self._remember("checkpoint", path)
+            self.remember("checkpoint", path)
             cfg = getattr(model, "config", None)
             if cfg is not None and not self.run.lifecycle.run_in_progress:
                 if self.state.scan is not None and cfg.data.source == "phantom" and \
@@ -225,7 +241,7 @@ class FilesPresenter:
             return path
 
         def done(saved):
-            self._remember("checkpoint", saved)
+            self.remember("checkpoint", saved)
             self.view.log_message("info", f"checkpoint saved: {saved}")
             if then:
                 then()
@@ -286,10 +302,12 @@ class FilesPresenter:
         self._ask_open("Open config", CONFIG_FILTER, self.open_config)
 
     def open_config(self, path: str, then: Optional[Callable] = None) -> None:
+        self._opening()
+
         def done(cfg):
             self.config.set_config(cfg)
             self.state.config_path = path
-            self._remember("config", path)
+            self.remember("config", path)
             if then:
                 then()
 
@@ -306,7 +324,7 @@ class FilesPresenter:
 
         def done(_result):
             self.state.config_path = path
-            self._remember("config", path)
+            self.remember("config", path)
             self.view.log_message("info", f"config saved: {path}")
 
         self.tasks.submit(lambda: save_config(cfg, path), done,
