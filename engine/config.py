@@ -153,6 +153,8 @@ class LossConfig:
                                          "(discrepancy principle; stops MC fitting the noise)")
     ei_warm_start: bool = _f(False, doc="start EI's second solve at T_g x1 (near its fixed point) instead of "
                                         "A^dagger(A T_g x1); implicit/jfb only (same fixed point, fewer iterations)")
+    reuse_fixed_points: bool = _f(False, doc="start a training image's first solve at its fixed point from the last "
+                                             "step that used it (kept in memory for the run); implicit/jfb only")
 
 
 @dataclass
@@ -174,6 +176,13 @@ class RunConfig:
     checkpoint_every: int = _f(50, min=0, doc="steps between checkpoints (0 = only at the end)")
     validate_every: int = _f(10, min=1, doc="steps between validations and snapshots")
     checkpoint_format: str = _f("pt", choices=tuple(CHECKPOINT_FORMATS), doc="checkpoint file format")
+    memory_format: str = _f("auto", choices=("auto", "channels_last", "contiguous"),
+                            doc="denoiser activations' layout (auto = channels-last on the CPU, where it measured "
+                                "faster; contiguous on CUDA)")
+    autocast: str = _f("off", choices=("off", "bf16"),
+                       doc="run the denoiser in bfloat16 (autocast); data step, fixed-point arithmetic and "
+                           "residuals stay float32; the residual then plateaus near 1e-3")
+    compile: bool = _f(False, doc="torch.compile the denoiser (first steps pay the compilation)")
 
 
 @dataclass

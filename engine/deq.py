@@ -55,6 +55,7 @@ from torch import nn
 
 from engine.config import SolverConfig
 from engine.data_fidelity import build_fidelity
+from engine.denoisers import sync_spectral_norms
 from engine.events import RunControl
 from engine.linalg import jacobian_spectral_radius
 from engine.physics import baseline
@@ -67,6 +68,7 @@ GRADIENT_MODES = ("implicit", "jfb", "unrolled")
 RADIUS_ITERS = 30
 RADIUS_TOL = 1e-3
 OPERATORS = ("pgd", "hqs")
+AUTOCAST_MODES = ("off", "bf16")
 
 SolveCallback = Callable[[str, SolveStats], None]
 FixedPointCallback = Callable[[torch.Tensor, torch.Tensor], None]
@@ -96,6 +98,8 @@ class FixedPointOperator(nn.Module):
         self.stepsize = stepsize
         self.relaxation = float(relaxation)
         self.fidelity = build_fidelity(fidelity)
+        self.autocast = "off"
+        self._compiled: list = []  # [torch.compile(denoiser)] when set_execution(compile=True)
         if getattr(denoiser, "noise_level_input", False):
             # the regularisation strength of a conditioned denoiser, kept positive by its log
             if not sigma > 0:
@@ -117,7 +121,32 @@ class FixedPointOperator(nn.Module):
 
     def unrelaxed(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
         """``D(step(x))``, the map before relaxation (its Jacobian is what the penalty bounds)."""
-        return self.denoiser(self.data_step(x, y, physics), self.sigma)
+        return self.denoise(self.data_step(x, y, physics))
+
+    def denoise(self, x: torch.Tensor) -> torch.Tensor:
+        """``D(x)`` as :meth:`set_execution` chose to run it (compiled, bfloat16); the output has ``x``'s dtype."""
+        denoiser = self.denoiser
+        if self._compiled:
+            sync_spectral_norms(self.denoiser)  # the stateful part, eagerly: the compiled graph only divides
+            denoiser = self._compiled[0]
+        if self.autocast == "bf16":
+            # only the denoiser's arithmetic in bfloat16: the data step before it and the solver's
+            # mixing and residuals after it stay in x's dtype
+            with torch.autocast(x.device.type, dtype=torch.bfloat16):
+                return denoiser(x, self.sigma).to(x.dtype)
+        return denoiser(x, self.sigma)
+
+    def set_execution(self, autocast: str = "off", compile: bool = False) -> "FixedPointOperator":
+        """How the denoiser runs: ``autocast`` "off" / "bf16", ``compile`` with :func:`torch.compile`.
+
+        The compiled module is kept outside the module tree (a list), so state dicts
+        and checkpoints are the same with and without it.
+        """
+        if autocast not in AUTOCAST_MODES:
+            raise ValueError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {autocast!r}")
+        self.autocast = autocast
+        self._compiled = [torch.compile(self.denoiser, dynamic=False)] if compile else []
+        return self
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, physics) -> torch.Tensor:
         out = self.unrelaxed(x, y, physics)

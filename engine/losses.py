@@ -109,9 +109,18 @@ class TrainingLoss:
     def needs_alpha(self) -> bool:
         return self.mode == "ei" and self.alpha is None
 
-    def terms(self, model, y: torch.Tensor, physics, x: Optional[torch.Tensor] = None) -> dict:
-        """Unweighted terms with graphs: ``mc`` and ``ei`` (self-supervised) or ``supervised``."""
-        x_net = model(y, physics)
+    def terms(self, model, y: torch.Tensor, physics, x: Optional[torch.Tensor] = None,
+              x_init: Optional[torch.Tensor] = None) -> dict:
+        """Unweighted terms with graphs: ``mc`` and ``ei`` (self-supervised) or ``supervised``.
+
+        ``x_init`` starts the first model call's solve (``loss.reuse_fixed_points``: the
+        images' fixed points from an earlier step); ignored where the start would change
+        the output (:func:`warm_startable`).
+        """
+        if x_init is not None and warm_startable(model):
+            x_net = model(y, physics, x_init=x_init)
+        else:
+            x_net = model(y, physics)
         if self.mode == "supervised":
             if x is None:
                 raise ValueError("supervised loss needs ground truth")
@@ -147,8 +156,9 @@ class TrainingLoss:
         x3 = model(y2, physics, x_init=x2.detach())
         return ei.weight * ei.metric(x3, x2)
 
-    def __call__(self, model, y: torch.Tensor, physics, x: Optional[torch.Tensor] = None) -> LossTerms:
-        terms = self.terms(model, y, physics, x)
+    def __call__(self, model, y: torch.Tensor, physics, x: Optional[torch.Tensor] = None,
+                 x_init: Optional[torch.Tensor] = None) -> LossTerms:
+        terms = self.terms(model, y, physics, x, x_init)
         total = sum(self.weight(name) * value for name, value in self.objective_terms(terms).items())
         return LossTerms(terms=terms, total=total)
 

@@ -17,7 +17,7 @@ import torch
 from engine.config import ExperimentConfig, ModelConfig
 from engine.data_fidelity import resolve_fidelity
 from engine.deq import DEQReconstructor, FixedPointOperator
-from engine.denoisers import build_denoiser, load_denoiser_weights
+from engine.denoisers import build_denoiser, load_denoiser_weights, set_channels_last
 from engine.errors import ConfigError
 from engine.events import RunControl
 from engine.physics import image_channels
@@ -69,4 +69,20 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
         unrolled_iterations=config.deq.unrolled_iterations,
         control=control,
     )
-    return model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype)
+    configure_execution(model, config.run, device)
+    return model
+
+
+def configure_execution(model: DEQReconstructor, run_cfg, device) -> DEQReconstructor:
+    """Apply ``run.memory_format`` / ``run.autocast`` / ``run.compile`` to the model's denoiser.
+
+    ``memory_format = "auto"`` is channels-last on the CPU, where it measured faster
+    (``benchmarks/deq_step.py``), and the ordinary layout elsewhere (not measured here).
+    """
+    layout = run_cfg.memory_format
+    if layout == "auto":
+        layout = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+    set_channels_last(model.operator.denoiser, layout == "channels_last")
+    model.operator.set_execution(autocast=run_cfg.autocast, compile=run_cfg.compile)
+    return model

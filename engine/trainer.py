@@ -56,6 +56,7 @@ from engine.errors import ConfigError, EquiDEQError
 from engine.events import (CheckpointSaved, LogMessage, Observers, RunControl, RunFailed, RunFinished,
                            RunStarted, Snapshot, SolveAlarm, StabilityChecked, StepFinished, ValidationFinished)
 from engine.evaluation import Problem, reconstruction_of, score, solve
+from engine.fixed_point_cache import FixedPointCache
 from engine.losses import TrainingLoss
 from engine.measured import load_measurement_data, measurement_physics
 from engine.metrics import equivariance_error
@@ -187,6 +188,7 @@ class Trainer:
         self.penalty = JacobianSpectralPenalty(weight=jac.penalty, target=jac.target, iters=jac.power_iters,
                                                samples=jac.samples)
         self._fixed_points: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._fixed_point_cache = FixedPointCache() if cfg.loss.reuse_fixed_points else None
         # weights and optimiser state at the last spectral-radius check that passed (for rollback)
         self._good_state: Optional[tuple[int, dict, dict]] = None
         gaussian = cfg.physics.noise == "gaussian" and cfg.loss.mc_noise_floor
@@ -384,7 +386,10 @@ class Trainer:
             step_weights = self.weights_copy()
             self.model.recorder_factory = self._new_recorder
         try:
-            loss = self.loss(self.model, y, self.physics, x)
+            x_init = None
+            if self._fixed_point_cache is not None:
+                x_init = self._fixed_point_cache.start(idx, lambda: self.model.initial(y, self.physics))
+            loss = self.loss(self.model, y, self.physics, x, x_init=x_init)
             # the first model call's measurements and fixed points: the batch's own reconstructions
             y_fp, x_fp = self._fixed_points[0] if self._fixed_points else (None, None)
             if self.penalty.active and x_fp is not None:
@@ -423,6 +428,8 @@ class Trainer:
             self.model.recorder_factory = None
         if recording:
             self._keep_recordings(next_step, solves, step_weights)
+        if self._fixed_point_cache is not None and x_fp is not None:
+            self._fixed_point_cache.store(idx, x_fp)
         monitor = cfg.jacobian.monitor_every
         rolled_back = False
         if monitor and next_step % monitor == 0 and x_fp is not None:

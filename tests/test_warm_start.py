@@ -82,3 +82,33 @@ def test_unrolled_network_is_never_warm_started(problem):
 def test_ei_warm_start_config_key():
     assert ExperimentConfig().loss.ei_warm_start is False
     assert ExperimentConfig.from_dict({"loss": {"ei_warm_start": True}}).loss.ei_warm_start is True
+
+
+def test_reused_fixed_points_start_each_image_where_it_last_ended():
+    # the same images every step (batch = training set): from step 2 on, the first model call
+    # starts at last step's fixed points and needs fewer iterations for the same losses
+    from engine.fixed_point_cache import FixedPointCache
+    from engine.trainer import Trainer
+    from test_trainer import tiny_config
+
+    def first_call_iterations(reuse):
+        # a provable 0.9-contraction: one fixed point, whatever the start
+        cfg = tiny_config(**{"data.n_train": 2, "optim.batch_size": 2, "optim.steps": 3, "optim.lr": 1e-5,
+                             "solver.tol": 1e-5, "solver.max_iter": 200, "model.norm": "none",
+                             "model.spectral_norm": True, "model.lipschitz": 0.9, "jacobian.penalty": 0.0,
+                             "loss.reuse_fixed_points": reuse, "loss.ei_weight": 1.0, "run.validate_every": 100})
+        trainer = Trainer(cfg)
+        iterations, losses = [], []
+        trainer.model.on_solve = lambda direction, stats: iterations.append((direction, stats.max_iterations_used))
+        for _ in range(3):
+            before = len(iterations)
+            losses.append(trainer.train_step()["total"])
+            iterations[before:] = [n for d, n in iterations[before:] if d == "forward"][:1]
+        return iterations, losses, trainer
+
+    cold, cold_losses, _ = first_call_iterations(False)
+    warm, warm_losses, trainer = first_call_iterations(True)
+    assert isinstance(trainer._fixed_point_cache, FixedPointCache) and len(trainer._fixed_point_cache) == 2
+    assert warm[0] == cold[0]  # nothing cached before the first step
+    assert all(w < c for w, c in zip(warm[1:], cold[1:])), (warm, cold)
+    assert warm_losses == pytest.approx(cold_losses, rel=1e-3), (warm, cold)
