@@ -280,3 +280,118 @@ def test_residuals_problem_row_shows_a_fallback_and_the_cap(qtbot):
     assert panel.table.item(0, 3).text() == "51 (max 40)"
     assert panel.table.item(0, 5).text() == "anderson \u2192 fixed_point fallback"
     assert panel.plots["forward"].titleLabel.text == "Forward solves (51 it, fixed_point fallback)"
+
+
+# -- a single point or a constant series (auto-range must not collapse, a lone point needs a symbol) --------
+def test_fitted_span_widens_a_single_value_and_keeps_a_spread():
+    from workbench.panels.losses_model import (curve_symbol, fitted_bounds, fitted_span, integer_tick_levels,
+                                               isolated_points)
+
+    assert fitted_span(0, 0, integer=True) == [0.0, 2.0]  # step 0: clipped at 0, not -0.5..0.5
+    assert fitted_span(1, 1, integer=True) == [0.0, 2.0]
+    assert fitted_span(7, 7, integer=True) == [6.0, 8.0]
+    assert fitted_span(3, 40, integer=True) == [3.0, 40.0]
+    assert fitted_span(-0.02, 1.02, integer=True) == pytest.approx([-0.02, 1.98])  # steps 0, 1 + symbol margin
+    assert fitted_span(22.0, 22.0) == pytest.approx([20.9, 23.1])  # +-5 %
+    assert fitted_span(0.0, 0.0) == [-0.5, 0.5]
+    assert fitted_span(-0.3, -0.3, log=True) == pytest.approx([-0.8, 0.2])  # one decade around log10(0.5)
+    assert fitted_span(0.61, 0.62) == [0.61, 0.62]
+    assert fitted_bounds([None, [1.0, 1.0]], integer=(True, True)) == [None, [0.0, 2.0]]
+    assert integer_tick_levels([(0.5, 0), (0.1, 0)]) == [(1.0, 0.0)]
+    assert integer_tick_levels([(10.0, 0), (2.0, 0), (0.5, 0)]) == [(10.0, 0), (2.0, 0)]
+    np.testing.assert_array_equal(isolated_points([1.0, np.nan, 2.0, 3.0, np.nan, 4.0]),
+                                  [True, False, False, False, False, True])
+    assert curve_symbol([0.5]) == "o" and curve_symbol([0.5, 0.4]) is None and curve_symbol([]) is None
+
+
+def _shown(qtbot, panel):
+    panel.resize(900, 600)
+    panel.show()
+    qtbot.waitExposed(panel)
+
+
+def _view(plot):
+    """The plot's view range once pending auto-ranges have run."""
+    from PySide6.QtWidgets import QApplication
+
+    QApplication.processEvents()
+    plot.vb.prepareForPaint()
+    return plot.vb.viewRange()
+
+
+def _assert_range_holds(rng, value, min_width):
+    lo, hi = rng
+    assert lo < value < hi and hi - lo >= min_width, (rng, value)
+
+
+def test_losses_panel_shows_a_single_step_and_validation(qtbot):
+    from workbench.panels.losses import LossesPanel
+
+    panel = LossesPanel()
+    qtbot.addWidget(panel)
+    _shown(qtbot, panel)
+    assert panel.logy.isChecked()
+    panel.model.add_step(StepFinished(step=0, losses={"total": 0.5}, lr=1e-3, seconds=0.1))
+    panel.model.add_validation(ValidationFinished(step=0, psnr=22.0, ssim=0.6, baseline_psnr=18.0,
+                                                  baseline_ssim=0.4))
+    panel.refresh()
+    total = panel.curves["total"]
+    x, y = total.getData()
+    np.testing.assert_array_equal(x, [0])
+    np.testing.assert_allclose(y, [np.log10(0.5)])  # log y: the item holds log10
+    for item in (total, panel.psnr_curve, panel.ssim_curve, panel.psnr_base):
+        assert item.opts["symbol"] == "o" and item.scatter.isVisible() and len(item.scatter.data) == 1
+    np.testing.assert_allclose(panel.psnr_curve.getData()[1], [22.0])
+    for plot, value, min_width in ((panel.loss_plot, np.log10(0.5), 0.9), (panel.psnr_plot, 22.0, 1.0),
+                                   (panel.ssim_plot, 0.6, 0.02)):
+        xr, yr = _view(plot)
+        assert -0.25 < xr[0] < 0 and xr[1] > 2  # [0, 2] padded: not -0.5..0.5 ("-400..400, x0.001")
+        _assert_range_holds(yr, value, min_width)
+        axis = plot.getAxis("bottom")
+        assert axis.autoSIPrefixScale == 1.0 and "x0.001" not in axis.labelString()
+        assert all(spacing >= 1 for spacing, _ in axis.tickSpacing(xr[0], xr[1], 400))  # integer steps
+    panel.logy.setChecked(False)  # linear y: the constant is padded, not collapsed
+    _assert_range_holds(_view(panel.loss_plot)[1], 0.5, 0.04)
+    panel.logy.setChecked(True)
+
+    panel.model.add_step(StepFinished(step=1, losses={"total": 0.25}, lr=1e-3, seconds=0.1))
+    panel.model.add_validation(ValidationFinished(step=1, psnr=23.0, ssim=0.65))
+    panel.refresh()
+    assert total.opts["symbol"] is None and not total.curve.getPath().isEmpty()  # two points: a line
+    assert panel.psnr_curve.opts["symbol"] == "o" and not panel.psnr_curve.curve.getPath().isEmpty()
+    xr, yr = _view(panel.loss_plot)
+    assert xr[0] < 0 and xr[1] > 1
+    assert yr[0] < np.log10(0.25) and yr[1] > np.log10(0.5)
+
+
+def test_residuals_panel_shows_a_single_solve_and_spectral_radius(qtbot):
+    from workbench.panels.residuals import ResidualsPanel
+
+    panel = ResidualsPanel()
+    qtbot.addWidget(panel)
+    _shown(qtbot, panel)
+    panel.model.add(solve_event(3, "forward", iters=1, batch=1))
+    panel.model.add_stability(StabilityChecked(step=3, spectral_radius=0.9, limit=0.9, penalty_weight=0.01,
+                                               action="none"))
+    panel.refresh()
+    ix, iy = panel.iter_curves["forward"].getData()
+    np.testing.assert_array_equal(ix, [3])
+    np.testing.assert_array_equal(iy, [1])
+    xr, yr = _view(panel.iter_plot)
+    assert xr[0] < 2 and xr[1] > 4  # [2, 4]: step 3 +- 1
+    _assert_range_holds(yr, 1, 2)
+    assert all(spacing >= 1 for spacing, _ in panel.iter_plot.getAxis("left").tickSpacing(yr[0], yr[1], 300))
+    xr, yr = _view(panel.radius_plot)
+    _assert_range_holds(xr, 3, 2)
+    _assert_range_holds(yr, 0.9, 0.05)  # radius on its limit: a constant, padded
+    trace = [c for c in panel.curves["forward"] if c.isVisible()][-1]
+    assert len(trace.getData()[0]) == 1 and trace.opts["symbol"] == "o" and trace.scatter.isVisible()
+    xr, yr = _view(panel.plots["forward"])
+    _assert_range_holds(xr, 1, 2)
+    _assert_range_holds(yr, trace.getData()[1][0], 0.9)
+
+    panel.model.add(solve_event(4, "forward", iters=5, batch=1))
+    panel.refresh()
+    newest = [c for c in panel.curves["forward"] if c.isVisible()][-1]
+    assert newest.opts["symbol"] is None and not newest.curve.getPath().isEmpty()
+    assert not panel.iter_curves["forward"].curve.getPath().isEmpty()

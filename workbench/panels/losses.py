@@ -1,7 +1,9 @@
 """Loss curves (total, MC, EI, supervised, ...) and validation PSNR / SSIM against step.
 
 The data and the smoothing live in :mod:`workbench.panels.losses_model`; this
-module draws them.
+module draws them. :class:`FittedViewBox` and :class:`IntegerAxis` (also used by the
+residual panel) apply the model's range rules, so a single step or a constant series
+still gets a readable range, and a curve with an isolated point draws it as a symbol.
 """
 
 from __future__ import annotations
@@ -10,8 +12,8 @@ import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLabel, QSlider, QVBoxLayout, QWidget
 
-from workbench.panels.losses_model import LossesModel, ema
-from workbench.panels.plotting import LogAxis, control_row, pg
+from workbench.panels.losses_model import LossesModel, curve_symbol, ema
+from workbench.panels.plotting import FittedViewBox, IntegerAxis, LogAxis, control_row, pg
 
 KNOWN_COLOURS = {
     "total": (20, 20, 20),
@@ -50,29 +52,36 @@ class LossesPanel(QWidget):
 
         self.glw = pg.GraphicsLayoutWidget()
         self.loss_plot = self.glw.addPlot(row=0, col=0, rowspan=2, title="Training losses",
-                                          axisItems={"left": LogAxis("left")})
+                                          viewBox=FittedViewBox(integer_x=True),
+                                          axisItems={"left": LogAxis("left"), "bottom": IntegerAxis("bottom")})
         self.loss_plot.setLogMode(y=True)
         self.loss_plot.showGrid(x=True, y=True, alpha=0.3)
         self.loss_plot.setLabel("bottom", "step")
         self.loss_plot.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
         self.loss_plot.getAxis("left").enableAutoSIPrefix(False)
-        self.psnr_plot = self.glw.addPlot(row=0, col=1, title="Validation PSNR (dB)")
-        self.ssim_plot = self.glw.addPlot(row=1, col=1, title="Validation SSIM")
+        self.psnr_plot = self.glw.addPlot(row=0, col=1, title="Validation PSNR (dB)",
+                                          viewBox=FittedViewBox(integer_x=True),
+                                          axisItems={"bottom": IntegerAxis("bottom")})
+        self.ssim_plot = self.glw.addPlot(row=1, col=1, title="Validation SSIM",
+                                          viewBox=FittedViewBox(integer_x=True),
+                                          axisItems={"bottom": IntegerAxis("bottom")})
         for p in (self.psnr_plot, self.ssim_plot):
             p.showGrid(x=True, y=True, alpha=0.3)
             p.setLabel("bottom", "step")
-            p.addLegend(offset=(-10, -10), brush=(255, 255, 255, 200))
+            p.addLegend(offset=(-10, -10), brush=(255, 255, 255, 200), colCount=2)  # one row: short plots
         self.glw.ci.layout.setColumnStretchFactor(0, 3)
         self.glw.ci.layout.setColumnStretchFactor(1, 2)
+        # validation points are sparse: always marked; the baselines only while a point is isolated
         sym = dict(symbol="o", symbolSize=5, symbolPen=None)
+        base_sym = dict(symbol=None, symbolSize=4, symbolPen=None, symbolBrush=(150, 150, 150))
         self.psnr_curve = self.psnr_plot.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="DEQ",
                                               symbolBrush=(31, 119, 180), **sym)
         self.psnr_base = self.psnr_plot.plot([], [], pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DashLine),
-                                             name="baseline")
+                                             name="baseline", **base_sym)
         self.ssim_curve = self.ssim_plot.plot([], [], pen=pg.mkPen((31, 119, 180), width=2), name="DEQ",
                                               symbolBrush=(31, 119, 180), **sym)
         self.ssim_base = self.ssim_plot.plot([], [], pen=pg.mkPen((150, 150, 150), width=1, style=Qt.PenStyle.DashLine),
-                                             name="baseline")
+                                             name="baseline", **base_sym)
         self.curves: dict[str, pg.PlotDataItem] = {}
         self.vline = pg.InfiniteLine(angle=90, movable=False, pen=pg.mkPen((120, 120, 120), style=Qt.PenStyle.DotLine))
         self.vline.setVisible(False)
@@ -124,21 +133,24 @@ class LossesPanel(QWidget):
         for name in m.names():
             if name not in self.curves:
                 width = 2.2 if name in ("total", "loss") else 1.5
-                self.curves[name] = self.loss_plot.plot([], [], pen=pg.mkPen(self._colour(name), width=width),
-                                                        name=name)
+                colour = self._colour(name)
+                self.curves[name] = self.loss_plot.plot([], [], pen=pg.mkPen(colour, width=width), name=name,
+                                                        symbol=None, symbolSize=6, symbolPen=None,
+                                                        symbolBrush=colour)
             y = ema(m.losses[name], self.alpha)
             if log:
                 y = np.where(y > 0, y, np.nan)
-            self.curves[name].setData(x, y, connect="finite")
+            # a point no segment reaches (the first step, a gap) is drawn as a symbol
+            self.curves[name].setData(x, y, connect="finite", symbol=curve_symbol(y))
         vx = np.asarray(m.val_steps, dtype=np.float64)
         self.psnr_curve.setData(vx, np.asarray(m.psnr, dtype=np.float64), connect="finite")
         self.ssim_curve.setData(vx, np.asarray(m.ssim, dtype=np.float64), connect="finite")
         bp = np.asarray(m.baseline_psnr, dtype=np.float64)
         bs = np.asarray(m.baseline_ssim, dtype=np.float64)
         self.psnr_base.setData(vx if np.isfinite(bp).any() else [], bp if np.isfinite(bp).any() else [],
-                               connect="finite")
+                               connect="finite", symbol=curve_symbol(bp))
         self.ssim_base.setData(vx if np.isfinite(bs).any() else [], bs if np.isfinite(bs).any() else [],
-                               connect="finite")
+                               connect="finite", symbol=curve_symbol(bs))
         if m.steps and not self.vline.isVisible():
             last = m.steps[-1]
             text = m.readout(last)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import pyqtgraph as pg
 from PySide6.QtWidgets import QHBoxLayout, QLabel
 
+from workbench.panels.losses_model import fitted_bounds, integer_tick_levels
+
 # Arrays are [rows, cols] everywhere in the engine; show them that way.
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="k")
 
@@ -26,6 +28,36 @@ class LogAxis(pg.AxisItem):
             keep = any(abs(mantissa - k) < 0.02 * k for k in (1.0, 2.0, 5.0, 10.0))
             out.append(s if keep else "")
         return out
+
+
+class FittedViewBox(pg.ViewBox):
+    """A ViewBox whose auto-range never collapses onto one value (rules: ``losses_model.fitted_bounds``).
+
+    pyqtgraph keeps the previous scale around a zero-width range: one validation at step 0
+    showed as -0.5..0.5 ("-400…400, x0.001"). Here the data bounds are widened before
+    auto-range pads them; ``integer`` marks the axes that hold steps or iterations. A range
+    the user set by zooming or panning is left alone (auto-range is then off); the "A"
+    button and View All use the same bounds.
+    """
+
+    def __init__(self, integer_x: bool = False, integer_y: bool = False, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.integer = (bool(integer_x), bool(integer_y))
+
+    def childrenBounds(self, frac=None, orthoRange=(None, None), items=None):
+        bounds = super().childrenBounds(frac=frac, orthoRange=orthoRange, items=items)
+        return fitted_bounds(bounds, self.integer, tuple(self.state["logMode"]))
+
+
+class IntegerAxis(pg.AxisItem):
+    """An axis of steps or iterations: integer ticks, plain numbers (no "(x0.001)" SI scaling)."""
+
+    def __init__(self, orientation: str, **kwargs) -> None:
+        super().__init__(orientation, **kwargs)
+        self.enableAutoSIPrefix(False)
+
+    def tickSpacing(self, minVal, maxVal, size):
+        return integer_tick_levels(super().tickSpacing(minVal, maxVal, size))
 
 
 def control_row(*items) -> QHBoxLayout:

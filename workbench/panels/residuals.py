@@ -21,7 +21,8 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QHBoxLayout, QHeade
                                QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout,
                                QWidget)
 
-from workbench.panels.plotting import LogAxis, control_row, pg
+from workbench.panels.losses_model import curve_symbol
+from workbench.panels.plotting import FittedViewBox, IntegerAxis, LogAxis, control_row, pg
 from workbench.panels.residuals_model import DIRECTIONS, REASON_LABELS, ResidualsModel
 
 _NEWEST = {"forward": (31, 119, 180), "backward": (255, 127, 14)}
@@ -90,7 +91,9 @@ class ResidualsPanel(QWidget):
         self.curves = {}
         self.tol_lines = {}
         for col, d in enumerate(DIRECTIONS):
-            p = self.glw.addPlot(row=0, col=col, title=f"{d.capitalize()} solves", axisItems={"left": LogAxis("left")})
+            p = self.glw.addPlot(row=0, col=col, title=f"{d.capitalize()} solves",
+                                 viewBox=FittedViewBox(integer_x=True),
+                                 axisItems={"left": LogAxis("left"), "bottom": IntegerAxis("bottom")})
             p.setLogMode(y=True)
             p.showGrid(x=True, y=True, alpha=0.3)
             p.setLabel("bottom", "iteration")
@@ -104,21 +107,27 @@ class ResidualsPanel(QWidget):
             line.setVisible(False)
             p.addItem(line, ignoreBounds=True)
             self.tol_lines[d] = line
-        it = self.glw.addPlot(row=1, col=0, title="Iterations per solve")
-        it.setLabel("bottom", "training step")
+        it = self.glw.addPlot(row=1, col=0, title="Iterations per solve",
+                              viewBox=FittedViewBox(integer_x=True, integer_y=True),
+                              axisItems={"left": IntegerAxis("left"), "bottom": IntegerAxis("bottom")})
+        # the directions are keyed in the axis label's colours: a legend inside this short plot covered
+        # the points of a single step (centred, see FittedViewBox)
+        key = "&nbsp;&nbsp;".join(f"<span style='color: #{r:02x}{g:02x}{b:02x}'>\u25cf {d}</span>"
+                                  for d, (r, g, b) in _NEWEST.items())
+        it.setLabel("bottom", f"training step&nbsp;&nbsp;&nbsp;{key}")
         it.setLabel("left", "iterations")
         it.showGrid(x=True, y=True, alpha=0.3)
-        it.addLegend(offset=(-10, 10), brush=(255, 255, 255, 200))
         self.iter_plot = it
         self.iter_curves = {
-            d: it.plot([], [], pen=pg.mkPen(_NEWEST[d], width=1.5), symbol="o", symbolSize=4,
+            d: it.plot([], [], pen=pg.mkPen(_NEWEST[d], width=1.5), symbol="o", symbolSize=5,
                        symbolBrush=_NEWEST[d], symbolPen=None, name=d)
             for d in DIRECTIONS
         }
         self.iter_problem_scatter = pg.ScatterPlotItem(size=9, brush=pg.mkBrush(*_PROBLEM), pen=None,
                                                        symbol="x")
         it.addItem(self.iter_problem_scatter)
-        rp = self.glw.addPlot(row=1, col=1, title="Spectral radius of dF/dx")
+        rp = self.glw.addPlot(row=1, col=1, title="Spectral radius of dF/dx",
+                              viewBox=FittedViewBox(integer_x=True), axisItems={"bottom": IntegerAxis("bottom")})
         rp.setLabel("bottom", "training step")
         rp.setLabel("left", "rho at x*")
         rp.showGrid(x=True, y=True, alpha=0.3)
@@ -126,7 +135,7 @@ class ResidualsPanel(QWidget):
                       "Jacobian at the training fixed points: below 1 the iteration converges locally. "
                       "Dashed: the safeguard's limit; red: the safeguard raised the Jacobian penalty or rolled back.")
         self.radius_plot = rp
-        self.radius_curve = rp.plot([], [], pen=pg.mkPen((44, 160, 44), width=1.5), symbol="o", symbolSize=4,
+        self.radius_curve = rp.plot([], [], pen=pg.mkPen((44, 160, 44), width=1.5), symbol="o", symbolSize=5,
                                     symbolBrush=(44, 160, 44), symbolPen=None)
         self.radius_acted_scatter = pg.ScatterPlotItem(size=10, brush=pg.mkBrush(*_PROBLEM), pen=None, symbol="t")
         rp.addItem(self.radius_acted_scatter)
@@ -134,6 +143,7 @@ class ResidualsPanel(QWidget):
                                                  pen=pg.mkPen(_PROBLEM, width=1.2, style=Qt.PenStyle.DashLine),
                                                  label="limit", labelOpts={"position": 0.95, "color": _PROBLEM})
         self.radius_limit_line.setVisible(False)
+        self.radius_limit_line.setZValue(-1)  # under the points: a radius right at the limit stays visible
         rp.addItem(self.radius_limit_line, ignoreBounds=False)
 
         self.table = QTableWidget(0, 6)
@@ -203,7 +213,7 @@ class ResidualsPanel(QWidget):
     def _curve(self, d: str, i: int):
         curves = self.curves[d]
         while len(curves) <= i:
-            curves.append(self.plots[d].plot([], [], connect="finite"))
+            curves.append(self.plots[d].plot([], [], connect="finite", symbol=None, symbolSize=6, symbolPen=None))
         return curves[i]
 
     def refresh(self) -> None:
@@ -229,7 +239,8 @@ class ResidualsPanel(QWidget):
                     alpha = int(200 - 150 * age)
                     pen = pg.mkPen(120, 120, 140, alpha, width=1)
                 c = self._curve(d, i)
-                c.setData(x, y, connect="finite")
+                # a one-iteration solve (or a lone finite residual) is a point no segment reaches
+                c.setData(x, y, connect="finite", symbol=curve_symbol(y), symbolBrush=pg.mkBrush(pen.color()))
                 c.setPen(pen)
                 c.setZValue(10 if newest else i)
                 c.setVisible(True)
