@@ -3,13 +3,20 @@
 The ranks run in processes started by ``torch.multiprocessing.spawn`` (the same code path
 as under torchrun: a process group, each rank its ``indices[rank::2]`` shard of the same
 global batch, gradients all-reduced after the DEQ's backward, rank 0 writing the run).
+A real ``torchrun`` job of ``equideq train``, killed with SIGKILL mid-run, resumes from its
+last checkpoint with every step recorded once (:func:`test_killed_torchrun_job_resumes`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -147,3 +154,143 @@ def test_shards_follow_distributed_sampler():
     shards = [DistContext(rank=r, world_size=2, local_rank=r).shard(indices) for r in range(2)]
     assert shards[0].tolist() == [5, 7, 0] and shards[1].tolist() == [1, 3]
     assert [DistContext(rank=r, world_size=2, local_rank=r).count_below(3) for r in range(2)] == [2, 1]
+
+
+# -- a killed torchrun job resumes --------------------------------------------------------------
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _descendants(root: int) -> list[int]:
+    """``root``'s living descendants (Linux /proc): torchrun starts its workers in sessions of their own, so
+    killing torchrun's process group would leave them running."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # after the command name, which may hold spaces
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and every process it started, all at once (as a crashed machine would stop them)."""
+    pids = [proc.pid] + _descendants(proc.pid)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30  # the workers are reaped by init, not by us: wait until they are gone
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _torchrun(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD),
+            "-m", "engine.cli", "--threads", "1", "train", "--config", str(config), "--out", str(run_dir),
+            "--quiet", *extra]
+
+
+def _step_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            pass
+    return [r for r in records if "step" in r]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds torchrun's workers through /proc")
+def test_killed_torchrun_job_resumes(tmp_path):
+    from engine.config import save_config
+
+    steps, every = 5, 2  # killed after step 3: two steps' margin before the run would end by itself
+    config = tmp_path / "tiny.toml"
+    save_config(exact_config(**{"optim.steps": steps, "run.checkpoint_every": every}), config)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    log = open(tmp_path / "first.log", "w")
+    job = subprocess.Popen(_torchrun(config, run_dir), cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        # killed once a checkpoint exists and a later step has been recorded: the record runs past the checkpoint
+        deadline = time.monotonic() + 120
+        while job.poll() is None and time.monotonic() < deadline:
+            saved = [int(p.stem.split("_")[1]) for p in run_dir.glob("checkpoint_*.pt")]
+            if saved and any(r["step"] > max(saved) for r in _step_records(run_dir)):
+                break
+            time.sleep(0.02)
+    finally:
+        _kill_job(job)
+        log.close()
+    assert job.returncode == -signal.SIGKILL, (tmp_path / "first.log").read_text()[-3000:]
+    killed_at = max(r["step"] for r in _step_records(run_dir))
+    assert killed_at < steps and not (run_dir / "finished.json").exists()
+
+    done = subprocess.run(_torchrun(config, run_dir, "--resume", str(run_dir / "last.pt")), cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert f"completed at step {steps}" in done.stdout
+    assert json.loads((run_dir / "finished.json").read_text()) == {"reason": "completed", "step": steps}
+
+    # every step (and validation) recorded once, by rank 0, with each rank's solve statistics
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "step" in r] == list(range(1, steps + 1))
+    assert [r["validation"]["step"] for r in records if "validation" in r] == [0, steps]
+    by_step = {r["step"]: r for r in records if "step" in r}
+    assert all(len(r["forward_iterations_per_rank"]) == WORLD for r in by_step.values())
+
+    # solves.jsonl: rank 0's solves only (its shard of 2 of the 4 samples), no step twice, none past the end
+    solves = [json.loads(line) for line in (run_dir / "solves.jsonl").read_text().splitlines()]
+    keys = [(s["step"], s["direction"], s["tag"]) for s in solves]
+    assert len(keys) == len(set(keys)) and max(k[0] for k in keys) == steps
+    assert {k[0] for k in keys} == set(range(1, steps + 1))
+    assert len({sum(k[0] == s for k in keys) for s in range(1, steps + 1)}) == 1  # as many solves every step
+    assert all(len(s["iterations"]) == 2 for s in solves)
+    for step, record in by_step.items():
+        for direction in ("forward", "backward"):
+            rank0 = max(max(s["iterations"]) for s in solves if s["step"] == step and s["direction"] == direction)
+            assert rank0 == record[f"{direction}_iterations_per_rank"][0]
+
+    # nothing but the run's own files, and nothing written beside the run directory (rank 1 writes nothing)
+    names = {p.name for p in run_dir.iterdir()}
+    expected = {"config.toml", "metrics.jsonl", "solves.jsonl", "finished.json", "snapshots", "last.pt"}
+    assert names == expected | {f"checkpoint_{s:06d}.pt" for s in [*range(every, steps, every), steps]}
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == ["step_000000.npz", f"step_{steps:06d}.npz"]
+    assert {p.name for p in tmp_path.iterdir()} == {"tiny.toml", "run", "first.log"}
+
+
+def test_automatic_threads_share_the_cores_between_torchrun_processes(monkeypatch):
+    from engine.trainer import configure_threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    try:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert configure_threads(0) == 7  # one process: a core left to the GUI
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+        assert configure_threads(0) == 2  # four processes on 8 cores: 2 each
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+        assert configure_threads(0) == 1
+        assert configure_threads(3) == 3  # an explicit count is kept
+    finally:
+        torch.set_num_threads(before)
