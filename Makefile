@@ -26,6 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/equideq demo
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/deq_step.py
 
 clean-venv:

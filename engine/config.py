@@ -18,7 +18,11 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from engine.atomic import atomic_write_text
 from engine.errors import ConfigError
+from engine.resources import resource_path
 from engine.solver_names import SOLVER_NAMES
+
+#: how the denoiser's arithmetic may run (engine/deq.py FixedPointOperator.set_execution)
+AUTOCAST_MODES = ("off", "bf16")
 
 # Names of the data-consistency steps (engine/data_fidelity.py implements them). Kept here, with the rule
 # of which one a config may use, so that reading and validating a config never imports torch.
@@ -179,7 +183,7 @@ class RunConfig:
     memory_format: str = _f("auto", choices=("auto", "channels_last", "contiguous"),
                             doc="denoiser activations' layout (auto = channels-last on the CPU, where it measured "
                                 "faster; contiguous on CUDA)")
-    autocast: str = _f("off", choices=("off", "bf16"),
+    autocast: str = _f("off", choices=AUTOCAST_MODES,
                        doc="run the denoiser in bfloat16 (autocast); data step, fixed-point arithmetic and "
                            "residuals stay float32; the residual then plateaus near 1e-3")
     compile: bool = _f(False, doc="torch.compile the denoiser (first steps pay the compilation)")
@@ -353,7 +357,7 @@ def save_config(config: ExperimentConfig, path: str | Path) -> None:
 
 
 def default_config_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "resources" / "configs"
+    return resource_path("configs")
 
 
 def builtin_config(name: str) -> ExperimentConfig:

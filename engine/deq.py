@@ -53,7 +53,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from engine.config import SolverConfig
+from engine.config import AUTOCAST_MODES, SolverConfig
 from engine.data_fidelity import build_fidelity
 from engine.denoisers import sync_spectral_norms
 from engine.events import RunControl
@@ -68,7 +68,6 @@ GRADIENT_MODES = ("implicit", "jfb", "unrolled")
 RADIUS_ITERS = 30
 RADIUS_TOL = 1e-3
 OPERATORS = ("pgd", "hqs")
-AUTOCAST_MODES = ("off", "bf16")
 
 SolveCallback = Callable[[str, SolveStats], None]
 FixedPointCallback = Callable[[torch.Tensor, torch.Tensor], None]

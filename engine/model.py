@@ -21,8 +21,9 @@ from engine.denoisers import build_denoiser, load_denoiser_weights, set_channels
 from engine.errors import ConfigError
 from engine.events import RunControl
 from engine.physics import image_channels
+from engine.resources import frozen_bundle, resource_path
 
-WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "resources" / "weights"
+WEIGHTS_DIR = resource_path("weights")
 
 
 def pretrained_name(model_cfg: ModelConfig, in_channels: int) -> str:
@@ -84,5 +85,8 @@ def configure_execution(model: DEQReconstructor, run_cfg, device) -> DEQReconstr
     if layout == "auto":
         layout = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
     set_channels_last(model.operator.denoiser, layout == "channels_last")
+    if run_cfg.compile and frozen_bundle() is not None:
+        raise ConfigError("run.compile is not available in the packaged app (torch.compile's compiler is left out "
+                          "of the bundle); set run.compile = false, or train from a Python install")
     model.operator.set_execution(autocast=run_cfg.autocast, compile=run_cfg.compile)
     return model

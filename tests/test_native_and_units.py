@@ -348,8 +348,7 @@ def test_version_is_pyprojects_and_read_from_one_place(capsys):
     assert stop.value.code == 0
     assert capsys.readouterr().out.strip() == f"equideq {engine.__version__}"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
-    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "engine.__version__"}
+    assert engine.__version__ == project["project"]["version"]  # tests/test_packaging.py: how it is read
 
 
 # -- the operator at large sizes -------------------------------------------------------------------

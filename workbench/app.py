@@ -14,6 +14,7 @@ import signal
 import sys
 from typing import Optional, Sequence
 
+from engine.resources import default_run_root, resource_path
 from workbench import __version__
 
 
@@ -29,12 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save screenshots of the window into DIR when the demo run has finished, then quit")
     p.add_argument("--screenshot-scan", metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--quit-after", metavar="SECONDS", type=float, help="quit (cleanly) after this many seconds")
-    p.add_argument("--run-root", metavar="DIR", help="parent folder for run directories")
+    p.add_argument("--run-root", metavar="DIR",
+                   help="parent folder for run directories (default: ./runs in a source checkout, else the "
+                        "user data folder, e.g. ~/.local/share/equideq/runs)")
     p.add_argument("--report-startup", action="store_true",
                    help="print when the window was painted and the engine loaded (JSON, seconds since the epoch), "
                         "then quit (workbench.startup.measure_time_to_window uses it)")
+    p.add_argument("--smoke-test", metavar="DIR",
+                   help="train the config (--config) for its steps, reconstruct, save DIR/smoke_test.png, print "
+                        "one EQUIDEQ_SMOKE JSON line and quit; exit status 0 only when every stage succeeded "
+                        "(packaging/smoke_test.py runs the bundled app this way)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return p
+
+
+def application_icon():
+    """The app's icon at every size shipped in resources/icons (PNGs: no SVG plugin needed)."""
+    from PySide6.QtGui import QIcon
+
+    icon = QIcon()
+    for png in sorted(resource_path("icons").glob("equideq-*.png")):
+        icon.addFile(str(png))
+    return icon
 
 
 def configure_interpreter() -> None:
@@ -76,7 +93,7 @@ def _startup(window, args) -> None:
         steps.append(lambda then: window.files.open_scan(args.scan, then=then))
 
     def finish():
-        if args.demo:
+        if args.demo or args.smoke_test:
             window.train()
 
     def run(i=0):
@@ -97,6 +114,46 @@ def _screenshots(window, directory: str, scan=None) -> None:
         save_screenshots(window, directory, then=window.request_shutdown, scan=scan)
 
     window.on_run_ended.append(on_end)
+
+
+SMOKE_MARKER = "EQUIDEQ_SMOKE "
+
+
+def _smoke_test(window, directory: str) -> dict:
+    """After the run _startup starts: reconstruct (a phantom, or the --scan), grab the window, report, quit.
+    The returned report is complete once ``ok`` is set; a stage that fails reports through ``window.errors``
+    and the --quit-after watchdog ends the wait."""
+    from PySide6.QtCore import QTimer
+
+    report = {"version": __version__, "run_root": window.run.run_root, "run": None, "reconstructed": False,
+              "screenshot": None, "ok": None}
+
+    def finish():
+        os.makedirs(directory, exist_ok=True)
+        window.refresh_plots()
+        window.refresh_images()
+        report["screenshot"] = os.path.join(directory, "smoke_test.png")
+        window.grab().save(report["screenshot"])
+        window.request_shutdown()
+
+    def on_end(result):
+        window.on_run_ended.remove(on_end)
+        report["run"] = result
+        if result == "completed":
+            window.analysis.reconstruct(then=lambda: (report.update(reconstructed=True),
+                                                      QTimer.singleShot(500, finish)))  # let the views draw
+        else:
+            finish()
+
+    window.on_run_ended.append(on_end)
+    return report
+
+
+def _report_smoke_test(report: dict, window) -> int:
+    report["errors"] = [f"{title}: {message}" for title, message in window.errors]
+    report["ok"] = report["run"] == "completed" and report["reconstructed"] and not report["errors"]
+    print(SMOKE_MARKER + json.dumps(report), flush=True)
+    return 0 if report["ok"] else 1
 
 
 def _report_startup(window) -> None:
@@ -123,10 +180,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, settings_dir)
     app.setApplicationName("EquiDEQ Workbench")
     app.setOrganizationName("EquiDEQ")
+    app.setDesktopFileName("equideq-workbench")  # packaging/equideq-workbench.desktop (Wayland matches them)
+    app.setWindowIcon(application_icon())
 
     from workbench.main_window import MainWindow
 
-    window = MainWindow(run_root=args.run_root or os.path.join(os.getcwd(), "runs"))
+    window = MainWindow(run_root=args.run_root or str(default_run_root()))
     window.show()
     keepalive = install_signal_handlers(app, window)  # noqa: F841 - must stay referenced
     if args.screenshot_dir:
@@ -139,10 +198,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                              scan=args.screenshot_scan))
     if args.report_startup:
         _report_startup(window)
+    smoke = _smoke_test(window, args.smoke_test) if args.smoke_test else None
     if args.quit_after is not None:
         QTimer.singleShot(int(args.quit_after * 1000), window.request_shutdown)
     QTimer.singleShot(0, lambda: _startup(window, args))
-    return int(app.exec())
+    code = int(app.exec())
+    return _report_smoke_test(smoke, window) if smoke is not None else code
 
 
 if __name__ == "__main__":

@@ -4,15 +4,15 @@ the app, torch, deepinv, PySide6 / Qt and the device in use)."""
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Optional
 
 from PySide6.QtCore import Qt, qVersion
 from PySide6.QtWidgets import QDialog, QDialogButtonBox, QLabel, QTextBrowser, QVBoxLayout, QWidget
 
+from engine.resources import resource_path
 from workbench import backend
 
-QUICK_GUIDE = Path(__file__).resolve().parents[2] / "resources" / "help" / "quick_guide.html"
+QUICK_GUIDE = resource_path("help", "quick_guide.html")
 
 
 def quick_guide_html() -> str:
