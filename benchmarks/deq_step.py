@@ -71,6 +71,13 @@ mean-squared loss over 4 x 128 x 128 pixels). So deepinv is timed twice:
   which Anderson degenerates to averaging the history once the residual is
   small (about 2.5x the forward and 3x the backward iterations).
 
+More rows, each on the same problem and weights: the engine's execution variants (``(a1)``
+contiguous layout, ``(a2)`` ``torch.compile``, ``(a3)`` bfloat16 autocast, ``(a4)`` GroupNorm in
+channels-last too), ``(b1)`` deepinv handed the engine's channels-last denoiser, and torchdeq 0.1
+as a second peer, ``(c)`` at its default Anderson ridge and ``(c1)`` at (b)'s, solving the engine's
+own ``F`` (:class:`TorchDEQModel`). The denoiser's layout is set before every step of every row
+(:func:`set_layout`); they share one module, so the weights are the same.
+
 Passing ``eps_backward=tol`` would be a category error: it is the ridge, not
 the stopping threshold (which is ``thres_conv`` for both directions).
 The headline ratio is ``time(a) / time(b)``.
@@ -283,6 +290,15 @@ def as_dtype(den, dtype):
     return copy_
 
 
+def set_layout(den, layout) -> None:
+    """``layout``: False (contiguous), True (channels-last convolutions, the engine's CPU default) or
+    ``"group_norm_too"`` (GroupNorm in channels-last as well: faster, less accurate weight gradients)."""
+    import engine.denoisers as denoisers
+
+    denoisers.set_channels_last(den, bool(layout))
+    denoisers.GROUP_NORM_CHANNELS_LAST = layout == "group_norm_too"
+
+
 def engine_model(den, tol, max_iter, memory=5, stop_mode="rel", on_solve=None, autocast="off", compile=False):
     from engine.deq import DEQReconstructor, FixedPointOperator
     from engine.config import SolverConfig
@@ -372,8 +388,10 @@ def make_loss(ei_warm_start=False):
     return TrainingLoss(LossConfig(mode="ei", ei_weight=1.0, ei_warm_start=ei_warm_start))
 
 
-def train_step(model, params, loss_fn, noise, y, physics, seed):
-    """Zero grads, MC + EI forward, backward; returns (seconds, loss, flat grad, counters)."""
+def train_step(model, params, loss_fn, noise, y, physics, seed, x_init=None):
+    """Zero grads, MC + EI forward, backward; returns (seconds, loss, flat grad, counters).
+
+    ``x_init`` starts the first model call's solve (``loss.reuse_fixed_points``)."""
     for p in params:
         p.grad = None
     loss_fn.reseed(seed)
@@ -382,7 +400,7 @@ def train_step(model, params, loss_fn, noise, y, physics, seed):
     COUNTERS.active, COUNTERS.backward_phase = True, False
     try:
         t0 = time.perf_counter()
-        total = loss_fn(model, y, physics).total
+        total = (loss_fn(model, y, physics) if x_init is None else loss_fn(model, y, physics, x_init=x_init)).total
         COUNTERS.backward_phase = True
         total.backward()
         seconds = time.perf_counter() - t0
@@ -496,33 +514,52 @@ def profile_step(label, run_step, top=15):
     print("```")
 
 
-def warm_start_rows(args, model, params, noise, y, physics, g_ref, solves):
+def previous_fixed_point(den, args, y, physics, lr=2e-5):
+    """The fixed point of ``y`` under the weights of "the previous step": each weight moved by ``lr``.
+
+    An Adam step moves every weight by about its learning rate; ``2e-5`` is the quick
+    config's. Solved on a copy of the denoiser, so the benchmark's own stays as it is.
+    """
+    previous = copy.deepcopy(den)
+    generator = torch.Generator().manual_seed(args.seed + 7)
+    with torch.no_grad():
+        for p in previous.parameters():
+            p.add_(lr * torch.randn(p.shape, generator=generator).sign())
+        return engine_model(previous, args.tol, args.max_iter).solve_forward(y, physics)
+
+
+def warm_start_rows(args, model, params, noise, y, physics, g_ref, solves, x_previous):
     """The engine with each warm-start option off / on: F-evaluations, VJPs, time, gradient error.
 
     ``loss.ei_warm_start``: EI's second model call starts at ``T_g x1`` instead of
-    ``A^dagger(A T_g x1)``. One warm-up step each, then ``--repeats`` interleaved steps (median).
+    ``A^dagger(A T_g x1)``. ``loss.reuse_fixed_points``: the first call starts at the
+    images' fixed point under the previous step's weights (:func:`previous_fixed_point`).
+    One warm-up step each, then ``--repeats`` interleaved steps (median).
     """
-    variants = {"off": make_loss(False), "on": make_loss(True)}
+    variants = {"off": (make_loss(False), None), "ei_warm_start": (make_loss(True), None),
+                "reuse_fixed_points": (make_loss(False), x_previous),
+                "both": (make_loss(True), x_previous)}
     rows, times = {}, {k: [] for k in variants}
-    for name, loss in variants.items():
+    for name, (loss, x_init) in variants.items():
         solves.clear()
-        _, _, grad, counts = train_step(model, params, loss, noise, y, physics, args.seed)
+        _, _, grad, counts = train_step(model, params, loss, noise, y, physics, args.seed, x_init)
         fwd = [s.max_iterations_used for d, s in solves if d == "forward"]
         bwd = [s.max_iterations_used for d, s in solves if d == "backward"]
         rows[name] = (counts, grad, fwd, bwd)
     for _ in range(max(args.repeats, 1)):
-        for name, loss in variants.items():
-            times[name].append(train_step(model, params, loss, noise, y, physics, args.seed)[0])
+        for name, (loss, x_init) in variants.items():
+            times[name].append(train_step(model, params, loss, noise, y, physics, args.seed, x_init)[0])
     print("\n### Warm starts (engine, (a)'s solvers; median of "
           f"{max(args.repeats, 1)} interleaved steps after 1 warm-up each)\n")
-    print("| loss.ei_warm_start | forward F-evals | forward iterations (MC call, EI call) | backward VJPs "
+    print("| warm start | forward F-evals | forward iterations (MC call, EI call) | backward VJPs "
           "| wall time per step (s) | gradient rel. error |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (c, grad, fwd, bwd) in rows.items():
         err = f"{rel_err(grad, g_ref):.2e}" if g_ref is not None else "n/a"
         print(f"| {name} | {c['solve']} + {c['graph']} | {', '.join(map(str, fwd))} | {c['vjp']} "
               f"| {statistics.median(times[name]):.2f} | {err} |")
-    print(f"grad(on) vs grad(off): rel. difference {rel_err(rows['on'][1], rows['off'][1]):.2e}")
+    for name in ("ei_warm_start", "reuse_fixed_points", "both"):
+        print(f"grad({name}) vs grad(off): rel. difference {rel_err(rows[name][1], rows['off'][1]):.2e}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -556,11 +593,15 @@ def main(argv=None) -> int:
     p.add_argument("--ref-max-iter", type=int, default=400)
     p.add_argument("--profile", action="store_true", help="cProfile + torch.profiler breakdown of one step of each")
     p.add_argument("--no-reference", action="store_true", help="skip the reference gradient")
+    p.add_argument("--only-warm-starts", action="store_true",
+                   help="the reference and the warm-start rows only (not the implementations' table)")
     p.add_argument("--no-warm-starts", action="store_true",
                    help="skip the engine's warm-start rows (loss.ei_warm_start off / on)")
     p.add_argument("--skip-variants", action="store_true",
                    help="leave out the engine's execution variants (contiguous layout, bf16) and deepinv with the "
                         "channels-last denoiser")
+    p.add_argument("--no-bf16", dest="bf16", action="store_false",
+                   help="leave out the bf16 row (its solves stall above tol 1e-4 and run to their caps)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="leave out the torch.compile row (its first step compiles: ~1-2 min on 2 CPU cores)")
     p.add_argument("--floor", action="store_true",
@@ -569,8 +610,6 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     import deepinv  # noqa: F401  (import cost outside all timings)
-
-    from engine.denoisers import set_channels_last
 
     print("## DEQ training step: engine vs deepinv\n")
     print(machine_description(args.threads))
@@ -606,6 +645,7 @@ def main(argv=None) -> int:
         "c": f"(b0) deepinv PGD DEQ, as (b) but deepinv's default ridges eps={DEEPINV_DEFAULT_EPS:g} / "
              f"eps_backward={DEEPINV_DEFAULT_EPS_BACKWARD:g}",
         "a_contig": "(a1) engine as (a), contiguous layout (run.memory_format = contiguous)",
+        "a_gn_cl": "(a4) engine as (a), GroupNorm in channels-last too (denoisers.GROUP_NORM_CHANNELS_LAST)",
         "a_compile": "(a2) engine as (a) + torch.compile of the denoiser (run.compile = true)",
         "a_bf16": "(a3) engine as (a), denoiser in bfloat16 autocast (run.autocast = bf16)",
         "b_cl": "(b1) deepinv as (b), handed the engine's channels-last denoiser",
@@ -616,9 +656,11 @@ def main(argv=None) -> int:
         models["c"], channels_last["c"] = model_c, False
     if not args.skip_variants:
         models["a_contig"], channels_last["a_contig"] = model_a, False
-        models["a_bf16"] = engine_model(den, args.tol, args.max_iter, autocast="bf16")
-        channels_last["a_bf16"] = True
+        if args.bf16:
+            models["a_bf16"] = engine_model(den, args.tol, args.max_iter, autocast="bf16")
+            channels_last["a_bf16"] = True
         models["b_cl"], channels_last["b_cl"] = model_b, True
+        models["a_gn_cl"], channels_last["a_gn_cl"] = model_a, "group_norm_too"
     if args.compile:
         models["a_compile"] = engine_model(den, args.tol, args.max_iter, compile=True)
         channels_last["a_compile"] = True
@@ -702,12 +744,18 @@ def main(argv=None) -> int:
             print(f"float32 floor: engine, float32, tol 1e-7 (rel), max_iter {args.ref_max_iter}: "
                   f"{c['solve']} + {c['graph']} F-evals, {c['vjp']} VJPs, gradient rel. error {rel_err(g_floor, g_ref):.2e}")
 
+    if args.only_warm_starts:
+        set_layout(den, True)
+        warm_start_rows(args, model_a, params, noise, y, physics, g_ref, solves,
+                        previous_fixed_point(den, args, y, physics))
+        return 0
+
     # --- warm-up, then interleaved timed steps -----------------------------------------------
     times = {name: [] for name in models}
     meta = {}
     for name, model in models.items():
         solves.clear()
-        set_channels_last(den, channels_last[name])
+        set_layout(den, channels_last[name])
         sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics_of[name], args.seed)
         meta[name] = dict(loss=loss, grad=grad, counts=counts, warmup=sec)
         if name == "a":
@@ -715,7 +763,7 @@ def main(argv=None) -> int:
                                           for d, s in solves]
     for _ in range(args.repeats):
         for name, model in models.items():
-            set_channels_last(den, channels_last[name])
+            set_layout(den, channels_last[name])
             sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics_of[name], args.seed)
             times[name].append(sec)
             if counts != meta[name]["counts"]:
@@ -725,7 +773,7 @@ def main(argv=None) -> int:
     residual = {}
     with torch.no_grad():
         for name, model in models.items():
-            set_channels_last(den, channels_last[name])
+            set_layout(den, channels_last[name])
             z = model(y, physics_of[name])
             residual[name] = fixed_point_residual(model_a.operator, z, y, physics_of[name])
 
@@ -748,7 +796,8 @@ def main(argv=None) -> int:
     for name, what in (("c", "deepinv at its default Anderson ridges"),
                        ("b_cl", "deepinv handed the engine's channels-last denoiser"),
                        ("t", "torchdeq, default ridge"), ("t_lam", "torchdeq, ridges as (b)"),
-                       ("a_contig", "the engine in the contiguous layout")):
+                       ("a_contig", "the engine in the contiguous layout"),
+                       ("a_gn_cl", "the engine with GroupNorm in channels-last too")):
         if name in models:
             print(f"ratio time(a)/time({labels[name].split()[0].strip('()')}) = {med['a'] / med[name]:.3f} ({what})")
     if "a_compile" in models:
@@ -765,7 +814,9 @@ def main(argv=None) -> int:
             print(f"note: counts of {name} varied between steps: {meta[name]['count_changes']}")
 
     if not args.no_warm_starts:
-        warm_start_rows(args, model_a, params, noise, y, physics, g_ref, solves)
+        set_layout(den, True)
+        warm_start_rows(args, model_a, params, noise, y, physics, g_ref, solves,
+                        previous_fixed_point(den, args, y, physics))
 
     if args.deepinv_eps_sweep:
         print("\n### deepinv Anderson ridge sweep (one step each, not interleaved: times are indicative only)\n")
