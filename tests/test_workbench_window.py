@@ -417,3 +417,15 @@ def test_a_failed_run_is_one_message_and_leaves_its_panels_marked_stale(qtbot, w
         assert w.training.last_result == "completed" and w.docks["losses"].windowTitle() == "Loss curves"
     finally:
         shut_down(qtbot, w)
+
+
+def test_speed_options_are_settings(window):
+    # the execution and warm-start options reach the config from the settings dock, validated there
+    w = window
+    w.settings_panel.fields["run.autocast"].setCurrentText("bf16")
+    w.settings_panel.fields["loss.reuse_fixed_points"].setCurrentText("true")
+    w.settings_panel.fields["run.memory_format"].setCurrentText("contiguous")
+    config = w.state.config
+    assert (config.run.autocast, config.loss.reuse_fixed_points, config.run.memory_format) == (
+        "bf16", True, "contiguous")
+    assert [w.settings_panel.fields["run.compile"].itemText(i) for i in range(2)] == ["true", "false"]

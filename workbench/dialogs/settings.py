@@ -30,10 +30,11 @@ SECTIONS = [
                      "deq.unrolled_iterations"]),
     ("Contraction", ["jacobian.penalty", "jacobian.target", "jacobian.monitor_every", "jacobian.radius_limit",
                      "jacobian.safeguard"]),
-    ("Losses", ["loss.mode", "loss.ei_weight", "loss.transform"]),
+    ("Losses", ["loss.mode", "loss.ei_weight", "loss.transform", "loss.ei_warm_start", "loss.reuse_fixed_points"]),
     ("Optimiser", ["optim.lr", "optim.steps", "optim.batch_size"]),
     ("Model", ["model.denoiser", "model.channels"]),
-    ("Run", ["run.validate_every", "run.checkpoint_every", "run.device"]),
+    ("Run", ["run.validate_every", "run.checkpoint_every", "run.device", "run.memory_format", "run.autocast",
+             "run.compile"]),
 ]
 
 
