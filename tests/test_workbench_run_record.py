@@ -180,7 +180,9 @@ def test_open_run_and_follow_in_the_window(qtbot, window, tmp_path):
     assert w.act_stop_following.isEnabled() and w.status_label.text() == f"Following {live.folder} — step 1"
     live.step(2)
     live.validate(2)
-    qtbot.waitUntil(lambda: w.status_label.text().endswith("step 2"), timeout=5000)
+    # a poll may fall between the step record and the validation written after it: wait for both
+    qtbot.waitUntil(lambda: w.status_label.text().endswith("step 2")
+                    and len(w.reconstructions.model.snapshots) == 2, timeout=5000)
     w.refresh()
     assert w.losses.curves["total"].getData()[0].tolist() == [1, 2]
     assert w.reconstructions.slider.maximum() == 1
