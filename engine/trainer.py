@@ -85,7 +85,7 @@ def configure_threads(requested: int) -> int:
 
     Under torchrun (``LOCAL_WORLD_SIZE`` processes on this machine, no GUI) the cores are
     shared out instead: ``cores // processes`` each, so the processes do not oversubscribe
-    the machine (measured: 2 threads in each of two processes on 2 cores ran ~10x slower).
+    the machine (measured on 2 busy cores: threads that wait for descheduled peers ran ~10x slower).
     """
     if not isinstance(requested, int) or requested < 0:
         raise ConfigError(f"threads must be 0 (automatic) or a positive count, got {requested}")
