@@ -55,6 +55,12 @@ def snapshot_name(step: int) -> str:
     return f"step_{int(step):06d}.npz"
 
 
+def snapshot_step(name: str) -> Optional[int]:
+    """The step of a snapshot file name (:func:`snapshot_name`), None for any other name."""
+    match = re.fullmatch(r"step_(\d+)\.npz", name)
+    return int(match.group(1)) if match else None
+
+
 def _snapshot_files(folder: Path) -> list[Path]:
     """The snapshots in ``folder/snapshots`` and the temporary files of their writes."""
     snapshots = folder / SNAPSHOTS_DIR
@@ -128,8 +134,8 @@ def truncate_run(folder: str | os.PathLike, step: int) -> int:
     dropped = truncate_metrics(folder, step)
     _truncate_records(folder / SOLVES_FILE, step)
     for path in _snapshot_files(folder):
-        match = re.fullmatch(r"step_(\d+)\.npz", path.name)  # temporary files: remove_stale_temp_files
-        if match is not None and int(match.group(1)) > step:
+        snapshot = snapshot_step(path.name)  # None for temporary files: remove_stale_temp_files
+        if snapshot is not None and snapshot > step:
             path.unlink(missing_ok=True)
     (folder / FINISHED_FILE).unlink(missing_ok=True)
     return dropped

@@ -61,7 +61,7 @@ from engine.errors import EquiDEQError
 from engine.events import (CheckpointSaved, Event, Observers, RunFailed, RunFinished, RunStarted, Snapshot,
                            SolveFinished, StabilityChecked, StepFinished, ValidationFinished)
 from engine.outputs import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, SNAPSHOTS_DIR, SOLVES_FILE,
-                            snapshot_name)
+                            snapshot_name, snapshot_step)
 
 #: The keys of a ``metrics.jsonl`` step record that are not loss terms (nor are keys ending in these suffixes).
 STEP_RECORD_FIELDS = frozenset({"step", "lr", "grad_norm", "seconds", "jacobian_norm", "spectral_radius",
@@ -77,7 +77,6 @@ MAX_READ_BYTES = 32 * 2 ** 20
 #: tries to read a snapshot (a synced folder may show it before it is complete) before it is skipped
 SNAPSHOT_TRIES = 3
 _TAIL = 64  # bytes before the offset compared on every read: a rewritten file does not match them
-_SNAPSHOT = re.compile(r"^step_(\d+)\.npz$")
 _CHECKPOINT = re.compile(r"^checkpoint_(\d+)\.(pt|safetensors)$")
 
 
@@ -529,7 +528,7 @@ class RunRecordReader:
         folder = self.run_dir / SNAPSHOTS_DIR
         events = []
         for name in sorted(self._entries(folder)):
-            if not _SNAPSHOT.match(name) or name in self._snapshots:
+            if snapshot_step(name) is None or name in self._snapshots:
                 continue
             try:
                 events.append(read_snapshot(folder / name))

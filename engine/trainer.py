@@ -61,7 +61,7 @@ from engine.losses import TrainingLoss
 from engine.measured import load_measurement_data, measurement_physics
 from engine.metrics import equivariance_error
 from engine.model import build_model, resolve_device
-from engine.outputs import METRICS_FILE, claim_run_dir, truncate_run
+from engine.outputs import CONFIG_FILE, METRICS_FILE, claim_run_dir, truncate_run
 from engine.physics import baseline, build_physics, describe, to_model_space
 from engine.regularisers import JacobianSpectralPenalty
 from engine.run_record import record_run
@@ -276,7 +276,7 @@ class Trainer:
         total = cfg.optim.steps
         if self.run_dir is not None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.toml")
+            save_config(cfg, self.run_dir / CONFIG_FILE)
             remove_stale_temp_files(self.run_dir)  # what killed saves left behind
         dropped = truncate_run(self.run_dir, self.step) if self.run_dir is not None else 0
         self.observers.emit(RunStarted(run_dir=str(self.run_dir) if self.run_dir else None, config=cfg.to_dict(),
@@ -657,7 +657,7 @@ class Trainer:
     def _write_metrics(self, record: dict) -> None:
         if self.run_dir is None:
             return
-        with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.run_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
 
     def make_checkpoint(self) -> Checkpoint:

@@ -129,11 +129,10 @@ def _smoke_test(window, directory: str) -> dict:
               "screenshot": None, "ok": None}
 
     def finish():
+        from workbench.screens import save_window_image
+
         os.makedirs(directory, exist_ok=True)
-        window.refresh_plots()
-        window.refresh_images()
-        report["screenshot"] = os.path.join(directory, "smoke_test.png")
-        window.grab().save(report["screenshot"])
+        report["screenshot"] = save_window_image(window, os.path.join(directory, "smoke_test.png"))
         window.request_shutdown()
 
     def on_end(result):

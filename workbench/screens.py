@@ -8,6 +8,14 @@ from typing import Callable, Optional
 from PySide6.QtCore import QTimer
 
 
+def save_window_image(window, path: str) -> str:
+    """Draw what the plot and image timers have pending, then save the window as ``path``; returns it."""
+    window.refresh_plots()
+    window.refresh_images()
+    window.grab().save(path)
+    return path
+
+
 def save_screenshots(window, directory: str, then: Optional[Callable] = None,
                      scan: Optional[str] = None) -> list[str]:
     """Compute the equivariance curve, then save workbench_training.png; open ``scan``
@@ -20,10 +28,7 @@ def save_screenshots(window, directory: str, then: Optional[Callable] = None,
         window.notices.hide_notice(key)
 
     def grab(name: str) -> None:
-        window.refresh_plots()
-        window.refresh_images()
-        path = os.path.join(directory, name)
-        window.grab().save(path)
+        path = save_window_image(window, os.path.join(directory, name))
         saved.append(path)
         window.log.add("info", f"screenshot saved: {path}")
 
