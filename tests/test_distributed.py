@@ -4,7 +4,9 @@ The ranks run in processes started by ``torch.multiprocessing.spawn`` (the same 
 as under torchrun: a process group, each rank its ``indices[rank::2]`` shard of the same
 global batch, gradients all-reduced after the DEQ's backward, rank 0 writing the run).
 A real ``torchrun`` job of ``equideq train``, killed with SIGKILL mid-run, resumes from its
-last checkpoint with every step recorded once (:func:`test_killed_torchrun_job_resumes`).
+last checkpoint with every step recorded once (:func:`test_killed_torchrun_job_resumes`). Two torchrun
+agents in separate working directories play a two-machine job of 3 ranks with uneven shards
+(:func:`test_two_machine_torchrun_job_with_uneven_shards_matches_one_process`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from engine.checkpoint import load_checkpoint
 from engine.distributed import DistContext, all_reduce_gradients, any_rank
 from engine.events import Observers, RunControl, StepFinished
 from engine.trainer import Trainer
@@ -294,3 +297,55 @@ def test_automatic_threads_share_the_cores_between_torchrun_processes(monkeypatc
         assert configure_threads(3) == 3  # an explicit count is kept
     finally:
         torch.set_num_threads(before)
+
+
+# -- two machines ----------------------------------------------------------------------------------
+def test_two_machine_torchrun_job_with_uneven_shards_matches_one_process(tmp_path):
+    """Multi-node torchrun as a cluster runs it, the machines played by two torchrun agents with their own
+    working directories (no shared file system): static rendezvous (``--node-rank``, ``--master-addr``),
+    2 processes on the first machine and 1 on the second, so 3 ranks split the global batch of 4 unevenly
+    (2 / 1 / 1). It trains as one process does, and only global rank 0 (on node 0) writes."""
+    from engine.config import save_config
+
+    cfg = exact_config()
+    config = tmp_path / "tiny.toml"
+    save_config(cfg, config)
+    single = Trainer(cfg, run_dir=tmp_path / "single", observers=Observers())
+    assert single.run() == "completed"
+
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    machines = []
+    for node, nproc in ((0, 2), (1, 1)):
+        home = tmp_path / f"machine{node}"
+        home.mkdir()
+        command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", str(nproc),
+                   "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                   "-m", "engine.cli", "--threads", "1", "train", "--config", str(config), "--out", "runs/job",
+                   "--quiet"]
+        machines.append((home, subprocess.Popen(command, cwd=home, env=env, stdout=subprocess.PIPE,
+                                                stderr=subprocess.STDOUT, text=True)))
+    outputs = []
+    for _, job in machines:
+        try:
+            outputs.append(job.communicate(timeout=240)[0])
+        finally:
+            if job.poll() is None:
+                _kill_job(job)
+    assert [job.returncode for _, job in machines] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "completed at step 4" in outputs[0]
+
+    run_dir = machines[0][0] / "runs" / "job"
+    assert list(machines[1][0].iterdir()) == []  # the second machine's rank writes nothing, not even a folder
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "total" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert all(len(r["forward_iterations_per_rank"]) == 3 for r in steps)
+    losses = torch.tensor([r["total"] for r in steps])
+    torch.testing.assert_close(losses, torch.tensor([h["total"] for h in single.history]), rtol=1e-3, atol=0)
+    weights = load_checkpoint(run_dir / "last.pt").model_state
+    reference = single.weights_copy()
+    assert weights.keys() == reference.keys()
+    worst = max(float((weights[k].float() - reference[k].float()).abs().max()) for k in reference)
+    print("3 ranks on 2 machines vs 1 process: max |weight difference| =", worst)
+    assert worst <= 4 * cfg.optim.lr
