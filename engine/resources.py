@@ -4,10 +4,13 @@ Resources (``configs/``, ``weights/``, ``help/``, ``icons/``) are read from the 
 
 1. ``$EQUIDEQ_RESOURCES``, when set (a folder laid out like ``resources/``);
 2. a frozen bundle's own folder, ``sys._MEIPASS/resources`` (PyInstaller: ``packaging/equideq.spec``);
-3. the source checkout this package sits in: ``resources/`` beside ``engine/``.
-
-A wheel built from ``pyproject.toml`` carries only the ``engine`` and ``workbench`` packages, so an
-installed wheel finds its resources through ``$EQUIDEQ_RESOURCES``.
+3. the source checkout this package sits in (``pyproject.toml`` of ``equideq`` beside ``engine/``):
+   its ``resources/``, even when a copy is installed too;
+4. an installed wheel's copy: ``equideq_resources/`` beside ``engine/`` in site-packages (the wheel
+   ships ``resources/`` as that data-only package: ``[tool.setuptools]`` in ``pyproject.toml``).
+   Beside this ``engine``, not wherever ``sys.path`` finds one, so code and resources come from the same
+   install;
+5. else ``resources/`` beside ``engine/`` (a source tree without ``pyproject.toml``).
 
 User data (run directories) goes to ``./runs`` when the app runs from a source checkout, as it always
 did there, and otherwise to the platform's user data folder (``platformdirs``: ``~/.local/share/equideq``
@@ -27,6 +30,7 @@ RESOURCES_ENV = "EQUIDEQ_RESOURCES"
 DIST_NAME = "equideq"  # the distribution in pyproject.toml, and the user data folder's name
 APP_AUTHOR = "EquiDEQ"  # the vendor folder platformdirs puts above it on Windows
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent  # the folder holding engine/ (a checkout's root)
+RESOURCES_PACKAGE = "equideq_resources"  # resources/ as installed from a wheel (pyproject.toml)
 
 
 def frozen_bundle() -> Optional[Path]:
@@ -63,6 +67,11 @@ def resources_dir() -> Path:
     bundle = frozen_bundle()
     if bundle is not None:
         return bundle / "resources"
+    if checkout_project() is not None:
+        return PACKAGE_ROOT / "resources"
+    installed = PACKAGE_ROOT / RESOURCES_PACKAGE
+    if installed.is_dir():
+        return installed
     return PACKAGE_ROOT / "resources"
 
 

@@ -1,15 +1,18 @@
 """Packaging without a build: the version's one source, the resources found from a checkout, an
 install and a (simulated) frozen bundle, user data outside the bundle, the version in every output,
-and the packaging/ files' own consistency. The build itself is packaging/smoke_test.py (minutes)."""
+and the packaging/ files' own consistency. The bundle's build itself is packaging/smoke_test.py (minutes);
+a wheel is built here (seconds), from a copy of the sources, to see that it carries the resources."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import h5py
@@ -44,6 +47,18 @@ def frozen(monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "_MEIPASS", str(internal), raising=False)
     monkeypatch.delenv(resources.RESOURCES_ENV, raising=False)
     return internal
+
+
+@pytest.fixture
+def installed(monkeypatch, tmp_path):
+    """Pretend to be installed from a wheel: engine/ in tmp_path/site-packages, the resources beside it
+    as equideq_resources/ (no pyproject.toml there). Returns that resources folder."""
+    site = tmp_path / "site-packages"
+    (site / resources.RESOURCES_PACKAGE / "configs").mkdir(parents=True)
+    (site / resources.RESOURCES_PACKAGE / "configs" / "shipped.toml").write_text('[run]\nname = "shipped"\n')
+    monkeypatch.setattr(resources, "PACKAGE_ROOT", site)
+    monkeypatch.delenv(resources.RESOURCES_ENV, raising=False)
+    return site / resources.RESOURCES_PACKAGE
 
 
 # -- the version: pyproject.toml's, read in one place -----------------------------------------------
@@ -127,6 +142,82 @@ def test_a_frozen_bundle_reads_resources_from_its_own_folder(frozen):
     assert resources.frozen_bundle() == frozen
     assert resources.resources_dir() == frozen / "resources"
     assert default_config_dir() == frozen / "resources" / "configs"
+
+
+def test_an_installed_wheel_reads_the_resources_installed_beside_engine(installed):
+    assert resources.checkout_project() is None
+    assert resources.resources_dir() == installed
+    assert default_config_dir() == installed / "configs"
+    assert builtin_config("shipped").run.name == "shipped"
+
+
+def test_the_environment_and_a_frozen_bundle_come_before_an_installed_copy(installed, frozen, monkeypatch, tmp_path):
+    assert resources.resources_dir() == frozen / "resources"
+    monkeypatch.setenv(resources.RESOURCES_ENV, str(tmp_path / "mine"))
+    assert resources.resources_dir() == tmp_path / "mine"
+    monkeypatch.setattr(sys, "frozen", False)
+    assert resources.resources_dir() == tmp_path / "mine"
+
+
+def test_a_checkout_reads_its_own_resources_even_beside_an_installed_copy(monkeypatch, tmp_path):
+    checkout = tmp_path / "checkout"
+    for folder in ("resources", resources.RESOURCES_PACKAGE):
+        (checkout / folder / "configs").mkdir(parents=True)
+    (checkout / "pyproject.toml").write_text('[project]\nname = "equideq"\nversion = "0.0.1"\n')
+    monkeypatch.setattr(resources, "PACKAGE_ROOT", checkout)
+    monkeypatch.delenv(resources.RESOURCES_ENV, raising=False)
+    assert resources.resources_dir() == checkout / "resources"
+
+
+def test_a_bare_source_tree_falls_back_to_resources_beside_engine(monkeypatch, tmp_path):
+    monkeypatch.setattr(resources, "PACKAGE_ROOT", tmp_path)  # no pyproject.toml, no installed copy
+    monkeypatch.delenv(resources.RESOURCES_ENV, raising=False)
+    assert resources.resources_dir() == tmp_path / "resources"
+
+
+def test_pyproject_lists_every_package_of_engine_and_workbench():
+    setuptools_table = PYPROJECT["tool"]["setuptools"]
+    packages = {".".join(init.parent.relative_to(ROOT).parts) for folder in ("engine", "workbench")
+                for init in (ROOT / folder).rglob("__init__.py")}
+    assert set(setuptools_table["packages"]) == packages | {resources.RESOURCES_PACKAGE}
+    assert setuptools_table["package-dir"] == {resources.RESOURCES_PACKAGE: "resources"}
+
+
+def test_a_wheel_carries_the_resources_and_its_install_finds_them(tmp_path):
+    """Build a wheel (setuptools' own build, ~2 s) from a copy of the sources, unpack it as an install
+    would and ask a fresh interpreter, outside any checkout, where the resources are."""
+    pytest.importorskip("setuptools", minversion="64")  # pyproject.toml's [build-system]
+    source = tmp_path / "source"
+    for folder in ("engine", "workbench", "resources"):
+        shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, source / name)
+    build = subprocess.run([sys.executable, "-c", "import sys, setuptools.build_meta as b; print(b.build_wheel(sys.argv[1]))",
+                            str(tmp_path / "dist")], cwd=source, capture_output=True, text=True, timeout=120)
+    assert build.returncode == 0, build.stderr[-3000:]
+    assert "absent from the `packages` configuration" not in build.stderr  # resources' subfolders as data
+    with zipfile.ZipFile(tmp_path / "dist" / build.stdout.split()[-1]) as wheel:
+        names = set(wheel.namelist())
+        wheel.extractall(tmp_path / "site")
+    # the same files as the bundle (packaging/equideq.spec): all but the weights' build notes and script
+    shipped = {f"{resources.RESOURCES_PACKAGE}/{path.relative_to(ROOT / 'resources').as_posix()}"
+               for path in (ROOT / "resources").rglob("*") if path.is_file() and path.suffix not in (".md", ".sh")}
+    assert shipped and shipped <= names, sorted(shipped - names)
+    assert not any(name.endswith((".md", ".sh")) for name in names)
+    modules = {path.relative_to(ROOT).as_posix() for folder in ("engine", "workbench")
+               for path in (ROOT / folder).rglob("*.py")}
+    assert modules <= names, sorted(modules - names)
+
+    env = {key: value for key, value in os.environ.items() if key != resources.RESOURCES_ENV}
+    env["PYTHONPATH"] = str(tmp_path / "site")
+    probe = subprocess.run([sys.executable, "-S", "-c", "import engine.resources as r; print(r.__file__); "
+                            "print(r.resources_dir())"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)  # -S: no site-packages, so no editable install of the checkout
+    assert probe.returncode == 0, probe.stderr
+    module, found = probe.stdout.splitlines()
+    assert Path(module).is_relative_to(tmp_path / "site")
+    assert Path(found) == (tmp_path / "site" / resources.RESOURCES_PACKAGE).resolve()
+    assert (Path(found) / "configs" / "ct_phantom_quick.toml").is_file() and any(Path(found, "weights").glob("*.pt"))
 
 
 def test_the_icon_ships_at_every_hicolor_size():
