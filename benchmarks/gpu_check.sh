@@ -18,7 +18,8 @@
 # Environment: GPU_CHECK_DEVICE=cpu runs the "GPU" parts on the CPU (to check this script's plumbing
 # where there is no GPU); GPU_CHECK_QUICK=1 uses tiny sizes (32 and 48 px) and 2-3 steps;
 # GPU_CHECK_THREADS (default: all cores) for the CPU runs; PYTHON (default: .venv/bin/python when it
-# imports torch, else python3). The repository is put on PYTHONPATH; torch and deepinv must be installed.
+# imports torch, else python3). The repository is put on PYTHONPATH; torch must be installed, and deepinv
+# too unless .whl/ holds the wheels benchmarks/gpu_wheels.sh fetched (installed into a temporary folder).
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -30,6 +31,17 @@ THREADS=${GPU_CHECK_THREADS:-$(nproc)}
 if [[ -z ${PYTHON:-} ]]; then
     if [[ -x .venv/bin/python ]] && .venv/bin/python -c "import torch" 2>/dev/null; then PYTHON=.venv/bin/python
     else PYTHON=python3; fi
+fi
+# an image without deepinv & co.: install the wheels carried in .whl/ (benchmarks/gpu_wheels.sh) beside its
+# python, in a temporary folder, not into it
+if [[ -d .whl ]] && ! "$PYTHON" -c "import deepinv" 2>/dev/null; then
+    WHEEL_SITE=${TMPDIR:-/tmp}/equideq-gpu-check-site
+    if "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$WHEEL_SITE" .whl/*.whl; then
+        export PYTHONPATH="$WHEEL_SITE${PYTHONPATH:+:$PYTHONPATH}"
+        echo "installed $(ls .whl | wc -l) wheels from .whl into $WHEEL_SITE"
+    else
+        echo "wheels from .whl: not installed (the imports part will say what is missing)"
+    fi
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 QT_QPA_PLATFORM=offscreen
 mkdir -p "$RESULTS/logs" || exit 1
