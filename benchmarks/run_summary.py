@@ -6,24 +6,13 @@ summarises runs made by any process, distributed or not, on any device. No torch
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections import Counter
 from pathlib import Path
 from typing import Optional
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The JSON objects of a JSON-lines file (a torn or garbled line is skipped); [] when it is absent."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            pass
-    return records
+from engine.outputs import METRICS_FILE, SOLVES_FILE
+from engine.run_record import read_records
 
 
 def _median(values: list) -> Optional[float]:
@@ -42,7 +31,7 @@ def final_residuals(solve: dict) -> list[float]:
 
 def summarise_run(run_dir: Path) -> dict:
     """Per-step time (median, the first step left out: warm-up), iterations, final validation, solve statistics."""
-    metrics = read_jsonl(Path(run_dir) / "metrics.jsonl")
+    metrics = read_records(Path(run_dir) / METRICS_FILE)
     steps = [r for r in metrics if "step" in r]
     validations = [r["validation"] for r in metrics if "validation" in r]
     seconds = [r["seconds"] for r in steps]
@@ -56,7 +45,7 @@ def summarise_run(run_dir: Path) -> dict:
         "final_ssim": validations[-1]["ssim"] if validations else None,
         "validation_step": validations[-1]["step"] if validations else None,
     }
-    solves = read_jsonl(Path(run_dir) / "solves.jsonl")
+    solves = read_records(Path(run_dir) / SOLVES_FILE)
     for direction in ("forward", "backward"):
         mine = [s for s in solves if s.get("direction") == direction]
         residuals = [r for s in mine for r in final_residuals(s)]

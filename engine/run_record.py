@@ -379,6 +379,17 @@ class JsonLines:
         self._tail = (self._tail + consumed)[-_TAIL:]
 
 
+def read_records(path: str | os.PathLike, max_bytes: int = MAX_READ_BYTES) -> list[dict]:
+    """Every JSON object of a whole JSON-lines file of a run (``metrics.jsonl``, ``solves.jsonl``), read as
+    :class:`JsonLines` reads it (a torn last line or a garbled one skipped); [] when the file is absent."""
+    lines = JsonLines(Path(path), max_bytes)
+    records, more = [], True
+    while more:
+        new, _, more = lines.read()
+        records.extend(new)
+    return records
+
+
 @dataclass
 class RecordPoll:
     """What one :meth:`RunRecordReader.poll` found."""

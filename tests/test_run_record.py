@@ -24,7 +24,7 @@ from engine.events import (CheckpointSaved, Observers, RunFailed, RunFinished, R
                            StabilityChecked, StepFinished, ValidationFinished)
 from engine.outputs import claim_run_dir, truncate_run
 from engine.run_record import (NotARunDirectory, RunRecordError, RunRecordReader, RunRecordWriter, is_run_dir,
-                               read_snapshot, record_run, solve_event, solve_line, write_snapshot)
+                               read_records, read_snapshot, record_run, solve_event, solve_line, write_snapshot)
 from test_workbench_fakes import snapshot_event, solve_event as fake_solve
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +122,16 @@ def test_a_garbled_line_is_skipped_and_counted(tmp_path):
     assert steps_of(poll.events, StepFinished) == [1, 3] and len(steps_of(poll.events, SolveFinished)) == 4
     assert reader.skipped == 4
     assert poll.warnings == ["metrics.jsonl: skipped 3 unreadable lines", "solves.jsonl: skipped 1 unreadable line"]
+
+
+def test_a_whole_record_file_reads_past_bad_lines_and_the_read_size(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    assert read_records(path) == []  # not written yet
+    lines = [json.dumps({"step": i, "total": 0.5 * i}) for i in range(1, 41)]
+    lines[10] = '{"step": 11, "tot'  # torn by a kill
+    path.write_text("\n".join(lines) + '\n{"step": 41, "tot')  # and a last line still being written
+    # in reads of a few lines each, as of a file bigger than one read
+    assert [r["step"] for r in read_records(path, max_bytes=64)] == [i for i in range(1, 41) if i != 11]
 
 
 def test_a_rewritten_file_restarts_the_record(tmp_path):
