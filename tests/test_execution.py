@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.config import ExperimentConfig, ModelConfig
-from engine.denoisers import build_denoiser, set_channels_last, uses_channels_last
+from engine.denoisers import Conv3x3, build_denoiser, set_channels_last, uses_channels_last
 from engine.model import build_model
 
 from helpers import make_deq
@@ -49,6 +49,27 @@ def test_channels_last_is_the_same_map_and_gradient():
     assert all(p.is_contiguous() for p in den.parameters())
     set_channels_last(den, False)
     assert not uses_channels_last(den)
+
+
+@pytest.mark.parametrize("in_channels", [1, 2])  # a CT image is both layouts at once; MRI's two are not
+def test_channels_last_activations_from_the_first_convolution_on(in_channels):
+    """Every convolution of a channels-last network returns channels-last activations (channel stride 1),
+    also the first one on a 1-channel image, so that no layer converts between layouts (the skip of
+    the first level once came out contiguous and the decoder converted it at every call)."""
+    torch.manual_seed(0)
+    den = build_denoiser(ModelConfig(denoiser="resunet", channels=8, depth=2, norm="none"), in_channels)
+    x = torch.randn(2, in_channels, 16, 16)
+    with torch.no_grad():
+        plain = den(x)
+        set_channels_last(den)
+        strides = []
+        hooks = [m.register_forward_hook(lambda mod, inp, out: strides.append((out.shape[1], out.stride(1))))
+                 for m in den.modules() if isinstance(m, Conv3x3)]
+        fast = den(x)
+    for hook in hooks:
+        hook.remove()
+    assert len(strides) == 18 and all(stride == 1 for _, stride in strides), strides
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_memory_format_config():
