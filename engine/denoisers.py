@@ -361,8 +361,20 @@ class Conv3x3(nn.Conv2d):
     """
 
     channels_last = False
+    #: the convolution of ``input_scale * x``, computed as ``(input_scale W) * x + b``
+    input_scale = 1.0
+    #: ``output_scale`` times the convolution, computed as ``(output_scale W) * x + output_scale b``
+    output_scale = 1.0
 
     def _conv_forward(self, input, weight, bias):
+        # The network's constant factors (2 avgpool, up / 2, cat / sqrt 2, the ResBlock's average) go
+        # onto the small weight instead of a pass over the activations in the forward and in every
+        # vector-Jacobian product; for powers of two the result is the same bit for bit.
+        scale = self.input_scale * self.output_scale
+        if scale != 1.0:
+            weight = weight * scale
+        if self.output_scale != 1.0 and bias is not None:
+            bias = bias * self.output_scale
         if self.channels_last:
             weight = weight.contiguous(memory_format=torch.channels_last)
             input = _channels_last(input)
@@ -399,8 +411,10 @@ def uses_channels_last(module: nn.Module) -> bool:
     return any(isinstance(sub, Conv3x3) and sub.channels_last for sub in module.modules())
 
 
-def _conv3x3(c_in: int, c_out: int, spectral_norm: bool, sn_init_iters: int) -> nn.Conv2d:
+def _conv3x3(c_in: int, c_out: int, spectral_norm: bool, sn_init_iters: int, input_scale: float = 1.0,
+             output_scale: float = 1.0) -> nn.Conv2d:
     conv = Conv3x3(c_in, c_out, 3, padding=1)
+    conv.input_scale, conv.output_scale = float(input_scale), float(output_scale)
     if spectral_norm:
         conv_spectral_norm(conv, init_iters=sn_init_iters)
     return conv
@@ -422,13 +436,13 @@ class _ResBlock(nn.Module):
         self.conv1 = _conv3x3(channels, channels, spectral_norm, sn_init_iters)
         self.norm = _norm_layer(norm, channels)
         self.act = nn.LeakyReLU(LEAKY_SLOPE)
-        self.conv2 = _conv3x3(channels, channels, spectral_norm, sn_init_iters)
+        self.conv2 = _conv3x3(channels, channels, spectral_norm, sn_init_iters, output_scale=0.5)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         u = self.conv1(h)
         if isinstance(self.norm, nn.GroupNorm) and not GROUP_NORM_CHANNELS_LAST:
             u = u.contiguous()  # the next conv takes either layout
-        return 0.5 * (h + self.conv2(self.act(self.norm(u))))
+        return torch.add(self.conv2(self.act(self.norm(u))), h, alpha=0.5)  # conv2 halves its own output
 
 
 def _check_input(x: torch.Tensor, in_channels: int, name: str) -> None:
@@ -533,14 +547,16 @@ class ResUNet(_AveragedDenoiser):
         widths = [min(channels * 2 ** level, channels * 8) for level in range(depth + 1)]
         self.widths = widths
         block = lambda ch: _ResBlock(ch, norm, spectral_norm, sn_init_iters)
-        conv = lambda a, b: _conv3x3(a, b, spectral_norm, sn_init_iters)
+        conv = lambda a, b, scale=1.0: _conv3x3(a, b, spectral_norm, sn_init_iters, input_scale=scale)
 
         self.head = conv(in_channels + int(self.noise_level_input), widths[0])
         self.encoders = nn.ModuleList(block(widths[l]) for l in range(depth))
-        self.downs = nn.ModuleList(conv(widths[l], widths[l + 1]) for l in range(depth))
+        # the factors 2 (after avgpool), 1/2 (after the upsampling) and 1/sqrt(2) (after the skip's
+        # concatenation) of the bound below are applied by the convolution that follows each
+        self.downs = nn.ModuleList(conv(widths[l], widths[l + 1], 2.0) for l in range(depth))
         self.bottleneck = block(widths[depth])
-        self.ups = nn.ModuleList(conv(widths[l + 1], widths[l]) for l in range(depth))
-        self.merges = nn.ModuleList(conv(2 * widths[l], widths[l]) for l in range(depth))
+        self.ups = nn.ModuleList(conv(widths[l + 1], widths[l], 0.5) for l in range(depth))
+        self.merges = nn.ModuleList(conv(2 * widths[l], widths[l], _INV_SQRT2) for l in range(depth))
         self.decoders = nn.ModuleList(block(widths[l]) for l in range(depth))
         self.tail = conv(widths[0], in_channels)
 
@@ -556,11 +572,11 @@ class ResUNet(_AveragedDenoiser):
         for encode, down in zip(self.encoders, self.downs):
             h = encode(h)
             skips.append(h)
-            h = down(2.0 * F.avg_pool2d(h, 2))
+            h = down(F.avg_pool2d(h, 2))  # (x 2 in down)
         h = self.bottleneck(h)
         for level in reversed(range(self.depth)):
-            h = self.ups[level](0.5 * F.interpolate(h, scale_factor=2, mode="nearest"))
-            h = self.merges[level](torch.cat([h, skips[level]], dim=1) * _INV_SQRT2)
+            h = self.ups[level](F.interpolate(h, scale_factor=2, mode="nearest"))  # (/ 2 in ups)
+            h = self.merges[level](torch.cat([h, skips[level]], dim=1))  # (/ sqrt 2 in merges)
             h = self.decoders[level](h)
         return self.tail(h)[..., :height, :width]
 

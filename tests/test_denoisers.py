@@ -199,6 +199,35 @@ def make_isometric(net, seed=0):
     refresh_spectral_norms(net, 50)
 
 
+def test_resunet_applies_its_constant_factors_in_the_convolutions():
+    """The factors of the Lipschitz bound (2 after avgpool, 1/2 after upsampling, 1/sqrt(2) after the
+    skip's concatenation, the ResBlock's average) are folded into the convolutions' weights: the network
+    computes the same as the formula with the factors on the activations and unscaled convolutions."""
+    net = make_net("resunet", norm="group").double().eval()
+    x = image_like(2, 1, 16, seed=1)
+    with torch.no_grad():
+        folded = net.residual(x)
+        convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
+        assert {(m.input_scale, m.output_scale) for m in convs} == {(1.0, 1.0), (2.0, 1.0), (0.5, 1.0),
+                                                                     (1 / math.sqrt(2), 1.0), (1.0, 0.5)}
+        for m in convs:
+            m.input_scale = m.output_scale = 1.0
+
+        def block(b, h):
+            return 0.5 * (h + b.conv2(b.act(b.norm(b.conv1(h)))))
+
+        h, skips = net.head(x), []
+        for encode, down in zip(net.encoders, net.downs):
+            h = block(encode, h)
+            skips.append(h)
+            h = down(2.0 * F.avg_pool2d(h, 2))
+        h = block(net.bottleneck, h)
+        for level in reversed(range(net.depth)):
+            h = net.ups[level](0.5 * F.interpolate(h, scale_factor=2, mode="nearest"))
+            h = block(net.decoders[level], net.merges[level](torch.cat([h, skips[level]], dim=1) / math.sqrt(2)))
+        torch.testing.assert_close(folded, net.tail(h), rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kind", ["resunet", "dncnn"])
 def test_jacobian_norm_bound_with_tight_layers(kind):
     net = make_net(kind).double().eval()
