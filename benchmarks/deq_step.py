@@ -73,7 +73,9 @@ mean-squared loss over 4 x 128 x 128 pixels). So deepinv is timed twice:
 
 More rows, each on the same problem and weights: the engine's execution variants (``(a1)``
 contiguous layout, ``(a2)`` ``torch.compile``, ``(a3)`` bfloat16 autocast, ``(a4)`` GroupNorm in
-channels-last too), ``(b1)`` deepinv handed the engine's channels-last denoiser, and torchdeq 0.1
+channels-last too), ``(a5)`` the engine in steady-state training (both warm starts: the images' fixed
+points under the previous step's weights as starts, and EI's second solve started at ``T_g x1``),
+``(b1)`` deepinv handed the engine's channels-last denoiser, and torchdeq 0.1
 as a second peer, ``(c)`` at its default Anderson ridge and ``(c1)`` at (b)'s, solving the engine's
 own ``F`` (:class:`TorchDEQModel`). The denoiser's layout is set before every step of every row
 (:func:`set_layout`); they share one module, so the weights are the same.
@@ -649,6 +651,8 @@ def main(argv=None) -> int:
         "a_compile": "(a2) engine as (a) + torch.compile of the denoiser (run.compile = true)",
         "a_bf16": "(a3) engine as (a), denoiser in bfloat16 autocast (run.autocast = bf16)",
         "b_cl": "(b1) deepinv as (b), handed the engine's channels-last denoiser",
+        "a_warm": "(a5) engine as (a) in steady-state training: loss.reuse_fixed_points (started at the images' "
+                  "fixed points under the previous step's weights) + loss.ei_warm_start",
         "t": "(c) torchdeq 0.1 get_deq(ift, hook), Anderson fwd+bwd (m=5), rel. stop, its default ridge lam=1e-4",
         "t_lam": f"(c1) torchdeq as (c), ridges lam={args.deepinv_eps:g} / {args.deepinv_eps_backward:g} (as (b))",
     }
@@ -661,6 +665,10 @@ def main(argv=None) -> int:
             channels_last["a_bf16"] = True
         models["b_cl"], channels_last["b_cl"] = model_b, True
         models["a_gn_cl"], channels_last["a_gn_cl"] = model_a, "group_norm_too"
+    # steady-state training (images seen before): both warm starts, timed with the others
+    models["a_warm"], channels_last["a_warm"] = model_a, True
+    loss_of = {"a_warm": make_loss(ei_warm_start=True)}
+    x_init_of = {"a_warm": previous_fixed_point(den, args, y, physics)}
     if args.compile:
         models["a_compile"] = engine_model(den, args.tol, args.max_iter, compile=True)
         channels_last["a_compile"] = True
@@ -756,7 +764,8 @@ def main(argv=None) -> int:
     for name, model in models.items():
         solves.clear()
         set_layout(den, channels_last[name])
-        sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics_of[name], args.seed)
+        sec, loss, grad, counts = train_step(model, params, loss_of.get(name, loss_fn), noise, y, physics_of[name],
+                                             args.seed, x_init_of.get(name))
         meta[name] = dict(loss=loss, grad=grad, counts=counts, warmup=sec)
         if name == "a":
             meta[name]["engine_stats"] = [(d, s.f_evals, s.iterations.tolist(), sorted(set(s.stop_reasons)))
@@ -764,7 +773,8 @@ def main(argv=None) -> int:
     for _ in range(args.repeats):
         for name, model in models.items():
             set_layout(den, channels_last[name])
-            sec, loss, grad, counts = train_step(model, params, loss_fn, noise, y, physics_of[name], args.seed)
+            sec, loss, grad, counts = train_step(model, params, loss_of.get(name, loss_fn), noise, y,
+                                                 physics_of[name], args.seed, x_init_of.get(name))
             times[name].append(sec)
             if counts != meta[name]["counts"]:
                 meta[name].setdefault("count_changes", []).append(counts)
@@ -791,9 +801,14 @@ def main(argv=None) -> int:
     ratio = med["a"] / med["b"]
     print(f"\nratio time(a)/time(b) = {ratio:.3f} (target <= {TARGET_RATIO}) -> "
           f"{'met' if ratio <= TARGET_RATIO else 'NOT met'}")
-    print(f"ratio time(a)/time(b) = {ratio:.3f} against the {AMBITIOUS_RATIO} goal -> "
-          f"{'met' if ratio <= AMBITIOUS_RATIO else 'NOT met'}")
-    for name, what in (("c", "deepinv at its default Anderson ridges"),
+    # the goal against deepinv at its fastest: its own layout or handed the engine's channels-last denoiser
+    fastest = min((n for n in ("b", "b_cl") if n in models), key=lambda n: med[n])
+    for name in ("a", "a_warm"):
+        goal = med[name] / med[fastest]
+        print(f"ratio time({labels[name].split()[0].strip('()')})/time({labels[fastest].split()[0].strip('()')}) "
+              f"= {goal:.3f} against the {AMBITIOUS_RATIO} goal (deepinv at its fastest) -> "
+              f"{'met' if goal <= AMBITIOUS_RATIO else 'NOT met'}")
+    for name, what in (("c", "deepinv at its default Anderson ridges"), ("a_warm", "the engine, warm-started"),
                        ("b_cl", "deepinv handed the engine's channels-last denoiser"),
                        ("t", "torchdeq, default ridge"), ("t_lam", "torchdeq, ridges as (b)"),
                        ("a_contig", "the engine in the contiguous layout"),
