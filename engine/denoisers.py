@@ -353,11 +353,11 @@ class Conv3x3(nn.Conv2d):
     the convolution in channels-last layout, so oneDNN (CPU) computes in NHWC and
     the activations stay NHWC between layers; the parameter itself keeps its
     ordinary layout, so checkpoints, optimiser state and the spectral-norm
-    bookkeeping see nothing different. Same arithmetic up to float32 rounding
-    (measured on the CPU at 128 px: the ResUNet's forward 32-39 % and its
-    vector-Jacobian product 27 % faster alone; in a training step with GroupNorm,
-    which stays contiguous (:data:`GROUP_NORM_CHANNELS_LAST`), within noise:
-    ``benchmarks/README.md``).
+    bookkeeping see nothing different; the input is handed over with channels-last
+    strides too (:func:`_channels_last`). Same arithmetic up to float32 rounding
+    (measured on the CPU at 128 px, GroupNorm ResUNet, GroupNorm itself kept
+    contiguous (:data:`GROUP_NORM_CHANNELS_LAST`): a training step 15 % faster
+    than in the contiguous layout: ``benchmarks/README.md``).
     """
 
     channels_last = False
