@@ -38,9 +38,11 @@ WORLD = 2
 
 def exact_config(**changes):
     """A tiny EI run whose every random draw is the same for a shard as for the whole batch
-    (EI noise off: the noise on A T_g x is drawn per shard)."""
+    (EI noise off: the noise on A T_g x is drawn per shard), with a denoiser that is contractive at its
+    random initialisation (spectral norm, no GroupNorm), so every solve converges (6-7 iterations) and the
+    ranks' results differ from one process's by float32 rounding, not by where a capped solve stopped."""
     base = {"optim.batch_size": 4, "optim.steps": 4, "loss.ei_apply_noise": False, "run.validate_every": 100,
-            "run.checkpoint_every": 0, "jacobian.monitor_every": 0}
+            "run.checkpoint_every": 0, "jacobian.monitor_every": 0, "model.norm": "none"}
     base.update(changes)
     return tiny_config(**base)
 
@@ -110,12 +112,12 @@ def test_two_processes_match_one_and_resume(tmp_path):
     g1, g = first[0]["first_grads"], single_grads[0]
     print("step-1 gradient: max |difference| / max |g| =", float((g1 - g).abs().max() / g.abs().max()))
     torch.testing.assert_close(g1, g, rtol=1e-4, atol=1e-5 * float(g.abs().max()))
-    # ... and then the same losses and weights, up to float32 rounding amplified by the solvers' per-sample
-    # stopping (tol 1e-3) and Adam's sign-like first steps
+    # ... and then the same losses and weights, up to float32 rounding carried through converged solves (tol
+    # 1e-3; measured 1e-7 relative) and Adam's sign-like first steps (a component whose sign rounding could flip)
     losses = torch.tensor([h["total"] for h in first[0]["history"] + resumed[0]["history"]])
     print("losses", losses.tolist(), [h["total"] for h in single.history])
     print("weights: max |difference| =", float((resumed[0]["params"] - params(single)).abs().max()))
-    torch.testing.assert_close(losses, torch.tensor([h["total"] for h in single.history]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(losses, torch.tensor([h["total"] for h in single.history]), rtol=1e-4, atol=0)
     torch.testing.assert_close(resumed[0]["params"], params(single), rtol=0, atol=4 * cfg.optim.lr)
 
     # rank 0 alone wrote the run: every step once, with per-rank solve statistics
@@ -342,7 +344,7 @@ def test_two_machine_torchrun_job_with_uneven_shards_matches_one_process(tmp_pat
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
     assert all(len(r["forward_iterations_per_rank"]) == 3 for r in steps)
     losses = torch.tensor([r["total"] for r in steps])
-    torch.testing.assert_close(losses, torch.tensor([h["total"] for h in single.history]), rtol=1e-3, atol=0)
+    torch.testing.assert_close(losses, torch.tensor([h["total"] for h in single.history]), rtol=1e-4, atol=0)
     weights = load_checkpoint(run_dir / "last.pt").model_state
     reference = single.weights_copy()
     assert weights.keys() == reference.keys()
