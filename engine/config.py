@@ -155,8 +155,8 @@ class LossConfig:
     ei_apply_noise: bool = _f(True, doc="simulate noise on A T_g x in the EI term")
     mc_noise_floor: bool = _f(False, doc="Gaussian noise: MC counts only the residual above sigma^2 "
                                          "(discrepancy principle; stops MC fitting the noise)")
-    ei_warm_start: bool = _f(True, doc="start EI's second solve at T_g x1 (near its fixed point) instead of "
-                                       "A^dagger(A T_g x1); implicit/jfb only (same fixed point, fewer iterations)")
+    ei_warm_start: bool = _f(False, doc="start EI's second solve at T_g x1 (near its fixed point) instead of "
+                                        "A^dagger(A T_g x1); implicit/jfb only (same fixed point, fewer iterations)")
     reuse_fixed_points: bool = _f(False, doc="start a training image's first solve at its fixed point from the last "
                                              "step that used it (kept in memory for the run); implicit/jfb only")
 

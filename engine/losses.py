@@ -11,12 +11,12 @@ All terms are deepinv loss classes, called on our DEQ through deepinv's
 
 Self-supervised total: ``MC + alpha * EI``.
 
-**Warm start of EI's second call** (``loss.ei_warm_start``, default on): the
+**Warm start of EI's second call** (``loss.ei_warm_start``, default off): the
 second solve starts at ``T_g x1`` instead of ``A^dagger(A T_g x1)``; the fixed
-point and the implicit gradient are unchanged (see :meth:`TrainingLoss.ei_term`;
-measured in ``benchmarks/README.md``: 16 % fewer iterations in that solve over a
-quick-config run, same validation PSNR). The start is computed inside the step,
-so a resumed run still repeats the uninterrupted one bit for bit.
+point and the implicit gradient are unchanged (see :meth:`TrainingLoss.ei_term`).
+Measured in ``benchmarks/README.md``: 13-18 % fewer iterations in that solve over
+whole quick-config runs, but the adjoint solves, which start at whatever forward
+fixed point the tolerance let through, varied by more than that saved.
 
 **MC at the noise floor (discrepancy principle).** With Gaussian noise of known
 ``sigma`` the residual of the *true* image is noise, ``E ||A x - y||^2 / m = sigma^2``;
