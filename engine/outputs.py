@@ -51,6 +51,17 @@ def _is_run_file(name: str) -> bool:
                for pattern in RUN_FILE_PATTERNS)
 
 
+def checkpoint_name(step: int, extension: str) -> str:
+    """``checkpoint_NNNNNN.<extension>``: the checkpoint a run writes at ``step`` (``pt`` / ``safetensors``)."""
+    return f"checkpoint_{int(step):06d}.{extension}"
+
+
+def checkpoint_step(name: str) -> Optional[int]:
+    """The step of a checkpoint file name (:func:`checkpoint_name`), None for any other name."""
+    match = re.fullmatch(r"checkpoint_(\d+)\.(pt|safetensors)", name)
+    return int(match.group(1)) if match else None
+
+
 def snapshot_name(step: int) -> str:
     return f"step_{int(step):06d}.npz"
 

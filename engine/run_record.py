@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import time
 import zipfile
 from contextlib import contextmanager
@@ -61,7 +60,7 @@ from engine.errors import EquiDEQError
 from engine.events import (CheckpointSaved, Event, Observers, RunFailed, RunFinished, RunStarted, Snapshot,
                            SolveFinished, StabilityChecked, StepFinished, ValidationFinished)
 from engine.outputs import (CONFIG_FILE, FINISHED_FILE, METRICS_FILE, SNAPSHOTS_DIR, SOLVES_FILE,
-                            snapshot_name, snapshot_step)
+                            checkpoint_step, snapshot_name, snapshot_step)
 
 #: The keys of a ``metrics.jsonl`` step record that are not loss terms (nor are keys ending in these suffixes).
 STEP_RECORD_FIELDS = frozenset({"step", "lr", "grad_norm", "seconds", "jacobian_norm", "spectral_radius",
@@ -77,7 +76,6 @@ MAX_READ_BYTES = 32 * 2 ** 20
 #: tries to read a snapshot (a synced folder may show it before it is complete) before it is skipped
 SNAPSHOT_TRIES = 3
 _TAIL = 64  # bytes before the offset compared on every read: a rewritten file does not match them
-_CHECKPOINT = re.compile(r"^checkpoint_(\d+)\.(pt|safetensors)$")
 
 
 class RunRecordError(EquiDEQError):
@@ -529,10 +527,10 @@ class RunRecordReader:
     def _new_checkpoints(self) -> list[Event]:
         events = []
         for name in self._entries(self.run_dir):
-            match = _CHECKPOINT.match(name)
-            if match and name not in self._checkpoints:
+            step = checkpoint_step(name)
+            if step is not None and name not in self._checkpoints:
                 self._checkpoints.add(name)
-                events.append(CheckpointSaved(step=int(match.group(1)), path=str(self.run_dir / name)))
+                events.append(CheckpointSaved(step=step, path=str(self.run_dir / name)))
         return events
 
     def _new_snapshots(self, poll: RecordPoll) -> list[Event]:

@@ -61,7 +61,7 @@ from engine.losses import TrainingLoss
 from engine.measured import load_measurement_data, measurement_physics
 from engine.metrics import equivariance_error
 from engine.model import build_model, resolve_device
-from engine.outputs import CONFIG_FILE, METRICS_FILE, claim_run_dir, truncate_run
+from engine.outputs import CONFIG_FILE, METRICS_FILE, checkpoint_name, claim_run_dir, truncate_run
 from engine.physics import baseline, build_physics, describe, to_model_space
 from engine.regularisers import JacobianSpectralPenalty
 from engine.run_record import record_run
@@ -708,7 +708,7 @@ class Trainer:
         if self.run_dir is None:
             return
         ext = "safetensors" if self.config.run.checkpoint_format == "safetensors" else "pt"
-        path = self.save_checkpoint(self.run_dir / f"checkpoint_{self.step:06d}.{ext}")
+        path = self.save_checkpoint(self.run_dir / checkpoint_name(self.step, ext))
         # last.<ext> always names the newest complete checkpoint (copied, then renamed: atomic)
         latest = self.run_dir / f"last.{ext}"
         publish_latest(path, latest)
