@@ -284,8 +284,8 @@ def test_residuals_problem_row_shows_a_fallback_and_the_cap(qtbot):
 
 # -- a single point or a constant series (auto-range must not collapse, a lone point needs a symbol) --------
 def test_fitted_span_widens_a_single_value_and_keeps_a_spread():
-    from workbench.panels.losses_model import (curve_symbol, fitted_bounds, fitted_span, integer_tick_levels,
-                                               isolated_points)
+    from workbench.panels.axis_ranges import (curve_symbol, fitted_bounds, fitted_span, integer_tick_levels,
+                                             isolated_points)
 
     assert fitted_span(0, 0, integer=True) == [0.0, 2.0]  # step 0: clipped at 0, not -0.5..0.5
     assert fitted_span(1, 1, integer=True) == [0.0, 2.0]

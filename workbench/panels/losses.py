@@ -2,8 +2,9 @@
 
 The data and the smoothing live in :mod:`workbench.panels.losses_model`; this
 module draws them. :class:`FittedViewBox` and :class:`IntegerAxis` (also used by the
-residual panel) apply the model's range rules, so a single step or a constant series
-still gets a readable range, and a curve with an isolated point draws it as a symbol.
+residual panel) apply the range rules of :mod:`workbench.panels.axis_ranges`, so a single
+step or a constant series still gets a readable range, and a curve with an isolated point
+draws it as a symbol.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QCheckBox, QLabel, QSlider, QVBoxLayout, QWidget
 
-from workbench.panels.losses_model import LossesModel, curve_symbol, ema
+from workbench.panels.axis_ranges import curve_symbol
+from workbench.panels.losses_model import LossesModel, ema
 from workbench.panels.plotting import FittedViewBox, IntegerAxis, LogAxis, control_row, pg
 
 KNOWN_COLOURS = {

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pyqtgraph as pg
 from PySide6.QtWidgets import QHBoxLayout, QLabel
 
-from workbench.panels.losses_model import fitted_bounds, integer_tick_levels
+from workbench.panels.axis_ranges import fitted_bounds, integer_tick_levels
 
 # Arrays are [rows, cols] everywhere in the engine; show them that way.
 pg.setConfigOptions(imageAxisOrder="row-major", antialias=False, background="w", foreground="k")
@@ -31,7 +31,7 @@ class LogAxis(pg.AxisItem):
 
 
 class FittedViewBox(pg.ViewBox):
-    """A ViewBox whose auto-range never collapses onto one value (rules: ``losses_model.fitted_bounds``).
+    """A ViewBox whose auto-range never collapses onto one value (rules: ``axis_ranges.fitted_bounds``).
 
     pyqtgraph keeps the previous scale around a zero-width range: one validation at step 0
     showed as -0.5..0.5 ("-400…400, x0.001"). Here the data bounds are widened before

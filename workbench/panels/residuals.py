@@ -21,7 +21,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFrame, QHBoxLayout, QHeade
                                QSpinBox, QSplitter, QTableWidget, QTableWidgetItem, QToolButton, QVBoxLayout,
                                QWidget)
 
-from workbench.panels.losses_model import curve_symbol
+from workbench.panels.axis_ranges import curve_symbol
 from workbench.panels.plotting import FittedViewBox, IntegerAxis, LogAxis, control_row, pg
 from workbench.panels.residuals_model import DIRECTIONS, REASON_LABELS, ResidualsModel
 
