@@ -78,8 +78,8 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
 def configure_execution(model: DEQReconstructor, run_cfg, device) -> DEQReconstructor:
     """Apply ``run.memory_format`` / ``run.autocast`` / ``run.compile`` to the model's denoiser.
 
-    ``memory_format = "auto"`` is channels-last on the CPU, where the network alone measured 27-39 %
-    faster and a training step 0-7 % (``benchmarks/README.md``), and the ordinary layout elsewhere
+    ``memory_format = "auto"`` is channels-last on the CPU, where a training step measured 15 % faster
+    than in the ordinary layout (128 px, ``benchmarks/README.md``), and the ordinary layout elsewhere
     (not measured here).
     """
     layout = run_cfg.memory_format
