@@ -174,10 +174,10 @@ def smoke_test(bundle: Path, venv: Path, timeout: float) -> Path:
 
         print("== 4. the bundled CLI reconstructs with that checkpoint; the version is in every output")
         source = scan or None
-        if source is None:  # no DICOM at hand: reconstruct one of the run's phantoms written as PNG
+        if source is None:  # no DICOM at hand: reconstruct a phantom (a NumPy [1, H, W] batch) written as PNG
             source = str(tmp / "phantom.png")
             venv_python(venv, "import sys; from PIL import Image; from engine.data import phantom_batch; "
-                              "Image.fromarray((phantom_batch('ellipses', 1, 64, seed=1)[0, 0].numpy() * 255)"
+                              "Image.fromarray((phantom_batch('ellipses', 1, 64, seed=1)[0] * 255)"
                               ".astype('uint8')).save(sys.argv[1])", source)
         for suffix in (".dcm", ".png"):
             output = tmp / f"reconstruction{suffix}"
