@@ -77,13 +77,6 @@ class AdjointStarts:
             engine.deq.solve = solve
 
 
-def move_weights(params, generator, lr: float = 2e-5) -> None:
-    """One Adam-sized step: every weight moved by ``lr`` in a random direction."""
-    with torch.no_grad():
-        for p in params:
-            p.add_(lr * torch.randn(p.shape, generator=generator).sign())
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trials", type=int, default=3, help="pairs of steps per variant (default 3)")
@@ -116,7 +109,7 @@ def main(argv=None) -> int:
         for trial in range(args.trials):
             seed = args.seed + 100 * trial
             _, first_its, previous = step(seed, {})
-            move_weights(params, generator)
+            deq_step.move_weights(params, generator)
             for name, next_seed in (("same rotation", seed), ("new rotation", seed + 1)):
                 cold_grad, cold_its, _ = step(next_seed, {})
                 warm_grad, warm_its, _ = step(next_seed, previous)

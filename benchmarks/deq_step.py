@@ -312,11 +312,12 @@ def engine_model(den, tol, max_iter, memory=5, stop_mode="rel", on_solve=None, a
 
 
 class TorchDEQModel(torch.nn.Module):
-    """The same ``F`` solved by torchdeq 0.1: its Anderson forward and backward, its hook-based implicit backward.
+    """The same ``F`` solved by torchdeq 0.1: its Anderson forward and backward, its implicit backward.
 
-    ``get_deq(ift=True, hook_ift=True)``: solve without graph, re-apply ``F`` once with
-    graph at ``z*``, a hook on the output solves ``g = J^T g + v`` with VJPs of that
-    graph (the engine's scheme). ``f_stop_mode = b_stop_mode = "rel"`` is the engine's
+    ``get_deq(ift=True, hook_ift=False)``: solve without graph, re-apply ``F`` with graph at
+    ``z*``, and torchdeq's ``autograd.Function`` solves ``g = J^T g + v`` with VJPs (one
+    more ``F`` with graph per call than the engine's hook; its hook version recurses under
+    EI's two calls: ``benchmarks/README.md``). ``f_stop_mode = b_stop_mode = "rel"`` is the engine's
     test (``max_b ||F(x_b) - x_b|| / ||F(x_b)|| < tol``). Its Anderson ridge ``lam`` is
     absolute like deepinv's (default 1e-4); ``lam_backward`` sets the adjoint solve's.
     """
@@ -402,7 +403,7 @@ def train_step(model, params, loss_fn, noise, y, physics, seed, x_init=None):
     COUNTERS.active, COUNTERS.backward_phase = True, False
     try:
         t0 = time.perf_counter()
-        total = (loss_fn(model, y, physics) if x_init is None else loss_fn(model, y, physics, x_init=x_init)).total
+        total = loss_fn(model, y, physics, x_init=x_init).total
         COUNTERS.backward_phase = True
         total.backward()
         seconds = time.perf_counter() - t0
@@ -516,17 +517,22 @@ def profile_step(label, run_step, top=15):
     print("```")
 
 
-def previous_fixed_point(den, args, y, physics, lr=2e-5):
-    """The fixed point of ``y`` under the weights of "the previous step": each weight moved by ``lr``.
+def move_weights(params, generator: torch.Generator, lr: float = 2e-5) -> None:
+    """One Adam-sized step: every weight moved by ``lr`` in a random direction (an Adam step moves every
+    weight by about its learning rate; ``2e-5`` is the quick config's)."""
+    with torch.no_grad():
+        for p in params:
+            p.add_(lr * torch.randn(p.shape, generator=generator).sign())
 
-    An Adam step moves every weight by about its learning rate; ``2e-5`` is the quick
-    config's. Solved on a copy of the denoiser, so the benchmark's own stays as it is.
+
+def previous_fixed_point(den, args, y, physics):
+    """The fixed point of ``y`` under the weights of "the previous step" (:func:`move_weights`).
+
+    Solved on a copy of the denoiser, so the benchmark's own stays as it is.
     """
     previous = copy.deepcopy(den)
-    generator = torch.Generator().manual_seed(args.seed + 7)
+    move_weights(previous.parameters(), torch.Generator().manual_seed(args.seed + 7))
     with torch.no_grad():
-        for p in previous.parameters():
-            p.add_(lr * torch.randn(p.shape, generator=generator).sign())
         return engine_model(previous, args.tol, args.max_iter).solve_forward(y, physics)
 
 
@@ -598,10 +604,10 @@ def main(argv=None) -> int:
     p.add_argument("--only-warm-starts", action="store_true",
                    help="the reference and the warm-start rows only (not the implementations' table)")
     p.add_argument("--no-warm-starts", action="store_true",
-                   help="skip the engine's warm-start rows (loss.ei_warm_start off / on)")
+                   help="skip the engine's warm-start table (off, ei_warm_start, reuse_fixed_points, both)")
     p.add_argument("--skip-variants", action="store_true",
-                   help="leave out the engine's execution variants (contiguous layout, bf16) and deepinv with the "
-                        "channels-last denoiser")
+                   help="leave out the engine's execution variants (contiguous layout, bf16, GroupNorm in "
+                        "channels-last too) and deepinv with the channels-last denoiser")
     p.add_argument("--no-bf16", dest="bf16", action="store_false",
                    help="leave out the bf16 row (its solves stall above tol 1e-4 and run to their caps)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
@@ -653,7 +659,7 @@ def main(argv=None) -> int:
         "b_cl": "(b1) deepinv as (b), handed the engine's channels-last denoiser",
         "a_warm": "(a5) engine as (a) in steady-state training: loss.reuse_fixed_points (started at the images' "
                   "fixed points under the previous step's weights) + loss.ei_warm_start",
-        "t": "(c) torchdeq 0.1 get_deq(ift, hook), Anderson fwd+bwd (m=5), rel. stop, its default ridge lam=1e-4",
+        "t": "(c) torchdeq 0.1 get_deq(ift, hook_ift=False), Anderson fwd+bwd (m=5), rel. stop, its default ridge lam=1e-4",
         "t_lam": f"(c1) torchdeq as (c), ridges lam={args.deepinv_eps:g} / {args.deepinv_eps_backward:g} (as (b))",
     }
     if not args.skip_default_ridges:
@@ -668,7 +674,8 @@ def main(argv=None) -> int:
     # steady-state training (images seen before): both warm starts, timed with the others
     models["a_warm"], channels_last["a_warm"] = model_a, True
     loss_of = {"a_warm": make_loss(ei_warm_start=True)}
-    x_init_of = {"a_warm": previous_fixed_point(den, args, y, physics)}
+    x_previous = previous_fixed_point(den, args, y, physics)
+    x_init_of = {"a_warm": x_previous}
     if args.compile:
         models["a_compile"] = engine_model(den, args.tol, args.max_iter, compile=True)
         channels_last["a_compile"] = True
@@ -755,7 +762,7 @@ def main(argv=None) -> int:
     if args.only_warm_starts:
         set_layout(den, True)
         warm_start_rows(args, model_a, params, noise, y, physics, g_ref, solves,
-                        previous_fixed_point(den, args, y, physics))
+                        x_previous)
         return 0
 
     # --- warm-up, then interleaved timed steps -----------------------------------------------
@@ -831,7 +838,7 @@ def main(argv=None) -> int:
     if not args.no_warm_starts:
         set_layout(den, True)
         warm_start_rows(args, model_a, params, noise, y, physics, g_ref, solves,
-                        previous_fixed_point(den, args, y, physics))
+                        x_previous)
 
     if args.deepinv_eps_sweep:
         print("\n### deepinv Anderson ridge sweep (one step each, not interleaved: times are indicative only)\n")

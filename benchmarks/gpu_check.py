@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from machine import cpu_model  # noqa: E402
 from run_summary import cell, summarise_run  # noqa: E402
 
 #: the names of the CPU runs the device runs of the same size are compared with (gpu_check.sh names them so)
@@ -85,6 +86,7 @@ def cmd_train(args) -> int:
     import torch
 
     from engine.cli import main as equideq
+    from engine.model import resolve_memory_format
 
     run_dir = args.results / args.name
     overrides = train_overrides(args)
@@ -96,10 +98,9 @@ def cmd_train(args) -> int:
     started = time.perf_counter()
     code = equideq(argv)
     wall = time.perf_counter() - started
-    layout = args.memory_format if args.memory_format != "auto" else ("channels_last" if args.device == "cpu"
-                                                                       else "contiguous")
+    layout = resolve_memory_format(args.memory_format, args.device)
     result = {"kind": "train", "name": args.name, "exit_code": code, "device": args.device,
-              "device_name": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
+              "device_name": torch.cuda.get_device_name(0) if cuda else cpu_model(),
               "size": args.size, "views": overrides["physics.views"], "batch": args.batch,
               "memory_format": layout, "autocast": args.autocast, "compile": args.compile,
               "threads": args.threads, "wall_s": wall,

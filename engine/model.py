@@ -75,6 +75,13 @@ def build_model(config: ExperimentConfig, device: torch.device | str = "cpu", dt
     return model
 
 
+def resolve_memory_format(memory_format: str, device) -> str:
+    """``run.memory_format`` for ``device``: "auto" is "channels_last" on the CPU, "contiguous" elsewhere."""
+    if memory_format != "auto":
+        return memory_format
+    return "channels_last" if torch.device(device).type == "cpu" else "contiguous"
+
+
 def configure_execution(model: DEQReconstructor, run_cfg, device) -> DEQReconstructor:
     """Apply ``run.memory_format`` / ``run.autocast`` / ``run.compile`` to the model's denoiser.
 
@@ -82,10 +89,7 @@ def configure_execution(model: DEQReconstructor, run_cfg, device) -> DEQReconstr
     than in the ordinary layout (128 px, ``benchmarks/README.md``), and the ordinary layout elsewhere
     (not measured here).
     """
-    layout = run_cfg.memory_format
-    if layout == "auto":
-        layout = "channels_last" if torch.device(device).type == "cpu" else "contiguous"
-    set_channels_last(model.operator.denoiser, layout == "channels_last")
+    set_channels_last(model.operator.denoiser, resolve_memory_format(run_cfg.memory_format, device) == "channels_last")
     if run_cfg.compile and frozen_bundle() is not None:
         raise ConfigError("run.compile is not available in the packaged app (torch.compile's compiler is left out "
                           "of the bundle); set run.compile = false, or train from a Python install")
