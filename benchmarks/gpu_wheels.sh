@@ -21,8 +21,6 @@ for name in "${NAMES[@]}"; do
     specs+=("$name${version:+==$version}")
 done
 mkdir -p .whl
-grep -qxF "/.whl/" .gitignore 2>/dev/null || grep -qxF "/.whl/" .git/info/exclude 2>/dev/null ||
-    echo "/.whl/" >>.git/info/exclude
 "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform any -d .whl "${specs[@]}"
 echo "wheels for Python $PYVER in .whl/ (${specs[*]}):"

@@ -7,7 +7,8 @@
 # It makes (or reuses) a build virtual environment, installs the project into it (not editable: the
 # bundle takes the installed distribution's metadata, so its version is pyproject.toml's), runs
 # PyInstaller on packaging/equideq.spec and prints the bundle's size, its biggest parts and what was
-# left out. Takes ~5-10 minutes on 2 cores (most of it PyInstaller analysing torch).
+# left out. Takes ~12 minutes on 2 cores from a clean checkout (most of it pip fetching the CUDA wheels), a
+# rebuild 2.5-5 minutes (PyInstaller analysing torch).
 #
 # Environment:
 #   PYTHON          interpreter for the build venv (default python3; 3.11 or newer)
